@@ -1,0 +1,308 @@
+"""The ``greensweep`` command line.
+
+Exit codes: 0 success; 1 some stages failed; 2 bad input (spec, arguments); 3 store
+unreachable or failing; 4 store schema mismatch; 5 Ray/cluster problem; 6 artifact
+integrity; 130 interrupted. Every error is one line on stderr, never a traceback.
+Heavy modules (torch, ray, alembic) are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.errors import GreensweepError, SpecError, UsageError, mask_url
+
+DEFAULT_ARTIFACTS = "./.greensweep/artifacts"
+
+
+def artifact_root() -> str:
+    return str(Path(os.environ.get("GREENSWEEP_ARTIFACTS", DEFAULT_ARTIFACTS)).resolve())
+
+
+def _db_url(db: str | None, spec_store: str | None = None) -> str:
+    from orchestrator.store import default_db_url
+
+    return db or spec_store or default_db_url()
+
+
+def _open_store(db: str | None, spec_store: str | None = None):
+    from orchestrator.store import Store
+
+    return Store.open(_db_url(db, spec_store))
+
+
+db_option = click.option(
+    "--db", "db", envvar="GREENSWEEP_DB_URL", default=None, metavar="URL",
+    help="Store URL; also GREENSWEEP_DB_URL. Default: the spec's 'store:', "
+         "else sqlite:///./.greensweep/greensweep.db.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="greensweep")
+def cli() -> None:
+    """greensweep: model-compression sweeps across hardware, with measured time, energy and carbon.
+
+    \b
+    Typical use:
+      greensweep plan examples/quickstart.yaml     # what would run, nothing written
+      greensweep run examples/quickstart.yaml      # run it, print the results table
+      greensweep results --format json             # the latest sweep's results
+    """
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(spec_path: Path, as_json: bool) -> None:
+    """Expand SPEC into points and unique stages without running anything."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(spec_path)
+    p = build_plan(spec)
+    if as_json:
+        click.echo(json.dumps(p.to_json(), indent=2))
+        return
+    click.echo(f"sweep {spec.name!r}: {len(p.points)} points, {len(p.stages)} unique stages "
+               f"(a per-point runner would execute {p.naive_stage_count})")
+    by_kind: dict[str, int] = {}
+    for s in p.stages:
+        by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
+    click.echo("stages by kind: " + ", ".join(f"{k} {n}" for k, n in by_kind.items()))
+    for pt in p.points:
+        click.echo(f"  [{pt.index:3d}] {pt.label}  @ {pt.target}")
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+class LineProgress:
+    """Plain progress lines (one per event), fit for terminals, pipes and CI logs."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def _w(self, msg: str) -> None:
+        click.echo(msg)
+
+    def stage_started(self, stage, node) -> None:
+        self._w(f"        start   {stage.label:<55} on {node.node_type} ({node.node_id[:8]})")
+
+    def stage_finished(self, stage, result, done: int, total: int) -> None:
+        if result.status == "succeeded":
+            extra = _summary(stage.kind, result.metrics)
+            self._w(f"[{done:3d}/{total}] done    {stage.label:<55} {result.duration_s:7.1f}s {extra}")
+        else:
+            self._w(f"[{done:3d}/{total}] FAILED  {stage.label:<55} {result.error}")
+
+    def stage_reused(self, stage, done: int, total: int) -> None:
+        self._w(f"[{done:3d}/{total}] reused  {stage.label:<55} (artifact {stage.key[:12]} exists)")
+
+    def stage_skipped(self, stage, reason: str) -> None:
+        self._w(f"        skipped {stage.label:<55} (parent failed)")
+
+
+def _summary(kind: str, m: dict[str, Any]) -> str:
+    if kind == "evaluate" and m.get("top1") is not None:
+        return f"top1 {100 * m['top1']:.1f}%  {1e3 * m.get('time_per_sample_s', 0):.3f} ms/sample"
+    if kind == "train" and m.get("best_val_top1") is not None:
+        return f"best val top1 {100 * m['best_val_top1']:.1f}% (epoch {m.get('best_epoch')})"
+    if "params_after" in m:
+        return f"params {m['params_before']:,} -> {m['params_after']:,}"
+    if "sparsity" in m:
+        return f"sparsity {100 * m['sparsity']:.1f}%"
+    return ""
+
+
+@cli.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@db_option
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster address (e.g. ray://head:10001 or auto). Default: start a local Ray on 127.0.0.1.")
+@click.option("--region", default=None, help="Carbon region label for the local node (embedded default only).")
+def run(spec_path: Path, db: str | None, address: str | None, region: str | None) -> None:
+    """Run the sweep in SPEC and print its results."""
+    from orchestrator import cluster
+    from orchestrator.coordinator import Coordinator, WorkerPool
+    from orchestrator.plan import build_plan
+    from orchestrator.report import render_results
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(spec_path)
+    plan_ = build_plan(spec)
+    store = _open_store(db, spec.store_url)
+    cluster.connect(address, region=region)
+    pool = None
+    try:
+        nodes = cluster.discover_nodes()
+        cluster.require_targets(nodes, spec.evaluate.targets)
+        pool = WorkerPool(nodes)
+        for node_id, facts in pool.hardware().items():
+            node = next(n for n in nodes if n.node_id == node_id)
+            store.upsert_node(node_id, node.node_type, node.region, facts.get("hostname"), facts)
+        sweep_id = f"sw-{uuid.uuid4().hex[:12]}"
+        root = artifact_root()
+        store.create_sweep(
+            sweep_id=sweep_id, name=spec.name, spec_text=spec.source_text, spec_hash=spec.spec_hash,
+            artifact_root=root,
+            stages=[{"key": s.key, "kind": s.kind, "params": dict(s.params), "parent_key": s.parent_key,
+                     "target": s.target} for s in plan_.stages],
+            points=[{"point_index": p.index, "label": p.label, "pipeline": p.pipeline,
+                     "stage_keys": list(p.stage_keys), "target": p.target, "eval_key": p.eval_key}
+                    for p in plan_.points],
+            naive_stage_count=plan_.naive_stage_count,
+        )
+        click.echo(f"sweep {sweep_id} ({spec.name}): {len(plan_.points)} points, {len(plan_.stages)} unique "
+                   f"stages (naive {plan_.naive_stage_count}) on {len(nodes)} node(s); store "
+                   f"{mask_url(_db_url(db, spec.store_url))}")
+        coord = Coordinator(store=store, spec=spec, plan=plan_, sweep_id=sweep_id, artifact_root=root,
+                            pool=pool, progress=LineProgress(len(plan_.stages)))
+        outcome = coord.run()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        cluster.shutdown()
+    click.echo("")
+    click.echo(render_results(store.results(sweep_id), "table"))
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
+    click.echo(f"sweep {sweep_id} {outcome.status} in {outcome.wall_s:.1f}s ({counts})")
+    if outcome.status == "cancelled":
+        sys.exit(130)
+    if outcome.status != "succeeded":
+        sys.exit(1)
+
+
+# -- status / results ----------------------------------------------------------------------
+
+
+def _resolve_sweep(store, sweep_id: str | None) -> str:
+    if sweep_id is None:
+        sweep_id = store.latest_sweep_id()
+        if sweep_id is None:
+            raise UsageError("no sweeps in this store yet -- run one with: greensweep run SPEC")
+        return sweep_id
+    if store.get_sweep(sweep_id) is None:
+        raise UsageError(f"no sweep {sweep_id!r} in this store -- list sweeps with: greensweep status")
+    return sweep_id
+
+
+@cli.command()
+@click.argument("sweep_id", metavar="[SWEEP]", required=False)
+@db_option
+def status(sweep_id: str | None, db: str | None) -> None:
+    """Show recent sweeps, or one sweep's stages."""
+    store = _open_store(db)
+    if sweep_id is None:
+        sweeps = store.list_sweeps()
+        if not sweeps:
+            click.echo("no sweeps yet -- run one with: greensweep run SPEC")
+            return
+        for s in sweeps:
+            counts = store.stage_counts(s.id)
+            c = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            click.echo(f"{s.id}  {s.status:<10} {s.name:<24} {s.created_at:%Y-%m-%d %H:%M:%S}  {c}")
+        return
+    sweep_id = _resolve_sweep(store, sweep_id)
+    s = store.get_sweep(sweep_id)
+    counts = store.stage_counts(sweep_id)
+    click.echo(f"{s.id}  {s.name}  status {s.status}  "
+               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    for st in store.stages(sweep_id):
+        where = f" @ {st.target}" if st.target else ""
+        dur = f"{st.duration_s:7.1f}s" if st.duration_s is not None else " " * 8
+        err = f"  {st.error}" if st.error else ""
+        click.echo(f"  {st.status:<9} {st.kind:<9}{where:<10} {st.key[:12]} {dur} attempts {st.attempts}{err}")
+
+
+@cli.command()
+@click.argument("sweep_id", metavar="[SWEEP]", required=False)
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def results(sweep_id: str | None, db: str | None, fmt: str) -> None:
+    """Per-point results of SWEEP (default: the latest sweep)."""
+    from orchestrator.report import render_results
+
+    store = _open_store(db)
+    sweep_id = _resolve_sweep(store, sweep_id)
+    click.echo(render_results(store.results(sweep_id), fmt))
+
+
+# -- db ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Store schema: upgrade and inspect."""
+
+
+@db.command("upgrade")
+@db_option
+def db_upgrade(db: str | None) -> None:
+    """Migrate the store's schema to this greensweep's version."""
+    from orchestrator.store import current, head, upgrade
+
+    url = _db_url(db)
+    before = current(url)
+    upgrade(url)
+    click.echo(f"{mask_url(url)}: {before or 'empty'} -> {head()}")
+
+
+@db.command("current")
+@db_option
+def db_current(db: str | None) -> None:
+    """Print the store's schema revision and this greensweep's head."""
+    from orchestrator.store import current, head
+
+    url = _db_url(db)
+    rev = current(url)
+    state = "up to date" if rev == head() else f"greensweep expects {head()} -- run: greensweep db upgrade --db {mask_url(url)}"
+    click.echo(f"{mask_url(url)}: {rev or 'no schema'} ({state})")
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and meaningful exit codes, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="greensweep", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        hint = f" -- see: {e.ctx.command_path} --help" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except GreensweepError as e:
+        click.echo(f"error: {mask_url(str(e))}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a bug must still not dump a traceback on users
+        if os.environ.get("GREENSWEEP_DEBUG"):
+            raise
+        first = " ".join(str(e).split())[:300]
+        click.echo(f"error: internal error {e.__class__.__name__}: {mask_url(first)} -- "
+                   "rerun with GREENSWEEP_DEBUG=1 for the traceback and report it", err=True)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The project's exception hierarchy.
+
+Foreign exceptions (pydantic, SQLAlchemy, Ray, YAML, torch) are translated into these at
+the border where they occur. The CLI prints ``error: <message>`` -- one line that names
+the problem and the fix -- and exits with the class's ``exit_code``. Messages never
+contain secrets (passwords in store URLs are masked with :func:`mask_url`).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class GreensweepError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class SpecError(GreensweepError):
+    """The sweep spec (or a CLI argument) is invalid. Nothing was written."""
+
+    exit_code = 2
+
+
+class UsageError(GreensweepError):
+    """A CLI argument names something that does not exist (e.g. an unknown sweep id)."""
+
+    exit_code = 2
+
+
+class StoreError(GreensweepError):
+    """The store cannot be reached or a database operation failed."""
+
+    exit_code = 3
+
+
+class SchemaMismatchError(StoreError):
+    """The store's schema is older or newer than this greensweep."""
+
+    exit_code = 4
+
+
+class ClusterError(GreensweepError):
+    """Ray cannot be reached, or the cluster cannot run what the sweep needs."""
+
+    exit_code = 5
+
+
+class ArtifactError(GreensweepError):
+    """An artifact is missing, unreadable or fails its checksum."""
+
+    exit_code = 6
+
+
+class StageFailedError(GreensweepError):
+    """Raised inside a worker; carried back as a failed StageResult."""
+
+    exit_code = 1
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def mask_url(text: str) -> str:
+    """Replace the password of every ``scheme://user:password@host`` in *text* with ``***``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

@@ -1,0 +1,180 @@
+"""Spec -> DAG of stages with content-addressed keys.
+
+A stage's key is ``sha256(parent key, kind, canonical params)``; the root's "parent key"
+is a hash of everything the first stage's output depends on (model architecture and
+kwargs, checkpoint content, dataset, seed). Two sweep points that share a prefix (same
+prune ratio, different quantization) therefore share those stage nodes, and the prefix
+runs once. Artifacts are stored under the same key, so a later sweep reuses them.
+
+Evaluate stages are added for every (chain, target) pair; their key includes the target
+and the protocol, so the same model evaluated on two node types is two stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from orchestrator.spec import SweepSpec
+
+KEY_HEX_CHARS = 24  # 96 bits: collisions are not a practical concern for sweeps
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_key(parent_key: str, kind: str, params: Mapping[str, Any]) -> str:
+    payload = f"{parent_key}\n{kind}\n{canonical_json(params)}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_HEX_CHARS]
+
+
+def root_key(spec: SweepSpec) -> str:
+    """Hash of what the root model depends on: architecture, weights source, data, seed."""
+    return stage_key(
+        "root",
+        "model",
+        {
+            "arch": spec.model.arch,
+            "kwargs": dict(spec.model.kwargs),
+            "checkpoint_sha256": spec.checkpoint_sha256,
+            "pretrained": spec.model.pretrained,
+            "dataset": {"name": spec.dataset.name, "path": spec.dataset.path, "options": dict(spec.dataset.options)},
+            "seed": spec.seed,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    key: str
+    kind: str
+    params: Mapping[str, Any]  # validated, defaults filled
+    parent_key: str | None  # None: built from the spec's model (root stage)
+    label: str  # readable, e.g. "prune(method=structured,ratio=0.5)"
+    target: str | None = None  # evaluate stages: the node type they are pinned to
+
+
+@dataclass(frozen=True)
+class PlannedPoint:
+    index: int
+    label: str  # e.g. "structured: prune(method=structured,ratio=0.5) > quantize(weights=int8)"
+    pipeline: str
+    stage_keys: tuple[str, ...]  # root-first chain of model-producing stages
+    stage_labels: tuple[str, ...]
+    target: str
+    eval_key: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    root_key: str
+    stages: tuple[PlannedStage, ...]  # unique, parents before children
+    points: tuple[PlannedPoint, ...]
+    naive_stage_count: int  # stages a per-point runner (one chain per point) would execute
+    _by_key: Mapping[str, PlannedStage] = field(default_factory=dict, repr=False, compare=False)
+
+    def stage(self, key: str) -> PlannedStage:
+        return self._by_key[key]
+
+    def children(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {s.key: [] for s in self.stages}
+        for s in self.stages:
+            if s.parent_key is not None and s.parent_key in out:
+                out[s.parent_key].append(s.key)
+        return out
+
+    def descendants(self, key: str) -> list[str]:
+        kids = self.children()
+        out, todo = [], list(kids.get(key, []))
+        while todo:
+            k = todo.pop()
+            out.append(k)
+            todo.extend(kids.get(k, []))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root_key": self.root_key,
+            "points": len(self.points),
+            "unique_stages": len(self.stages),
+            "naive_stages": self.naive_stage_count,
+            "stages": [
+                {"key": s.key, "kind": s.kind, "label": s.label, "parent_key": s.parent_key,
+                 "target": s.target, "params": dict(s.params)}
+                for s in self.stages
+            ],
+            "point_list": [
+                {"index": p.index, "label": p.label, "pipeline": p.pipeline, "target": p.target,
+                 "stages": list(p.stage_labels), "stage_keys": list(p.stage_keys), "eval_key": p.eval_key}
+                for p in self.points
+            ],
+        }
+
+
+def _label(kind: str, written: Mapping[str, Any]) -> str:
+    inner = ",".join(f"{k}={v}" for k, v in written.items())
+    return f"{kind}({inner})"
+
+
+def build_plan(spec: SweepSpec) -> Plan:
+    """Expand the spec's grids into a deduplicated DAG. Pure: no I/O, no Ray."""
+    rkey = root_key(spec)
+    stages: dict[str, PlannedStage] = {}
+    points: list[PlannedPoint] = []
+    naive = 0
+
+    def add(stage: PlannedStage) -> None:
+        stages.setdefault(stage.key, stage)
+
+    # The chain's root: the baseline train, or none (first stage builds from the checkpoint).
+    base_chain: list[PlannedStage] = []
+    if spec.train is not None:
+        train = PlannedStage(stage_key(rkey, "train", spec.train), "train", dict(spec.train), None, "train")
+        add(train)
+        base_chain.append(train)
+
+    chains: list[tuple[str, list[PlannedStage]]] = []
+    if spec.evaluate.baseline:
+        chains.append(("baseline", list(base_chain)))
+    for pipeline in spec.pipelines:
+        partial: list[list[PlannedStage]] = [list(base_chain)]
+        for template in pipeline.stages:
+            grown = []
+            for chain in partial:
+                parent = chain[-1].key if chain else rkey
+                for written, full in template.combinations():
+                    st = PlannedStage(
+                        stage_key(parent, template.kind, full), template.kind, full,
+                        chain[-1].key if chain else None, _label(template.kind, written),
+                    )
+                    add(st)
+                    grown.append(chain + [stages[st.key]])
+            partial = grown
+        chains.extend((pipeline.name, c) for c in partial)
+
+    for pipeline_name, chain in chains:
+        for target in spec.evaluate.targets:
+            params = spec.evaluate.params_for(target)
+            # An empty chain (checkpoint or pretrained model, no train) evaluates the root as loaded.
+            parent = chain[-1].key if chain else None
+            ev = PlannedStage(
+                stage_key(parent or rkey, "evaluate", params), "evaluate", params, parent,
+                f"evaluate({target})", target,
+            )
+            add(ev)
+            labels = tuple(s.label for s in chain)
+            compress = [s.label for s in chain if s.kind != "train"]
+            label = "baseline" if not compress else f"{pipeline_name}: " + " > ".join(compress)
+            points.append(PlannedPoint(
+                index=len(points), label=label, pipeline=pipeline_name,
+                stage_keys=tuple(s.key for s in chain), stage_labels=labels,
+                target=target, eval_key=ev.key,
+            ))
+            naive += len(chain) + 1
+
+    ordered = tuple(stages.values())  # insertion order is parent-before-child
+    return Plan(root_key=rkey, stages=ordered, points=tuple(points), naive_stage_count=naive,
+                _by_key=dict(stages))

@@ -1,0 +1,91 @@
+"""Rendering of results: table, CSV and JSON.
+
+``results --format json`` is a stable contract: a list with one object per (sweep point,
+evaluation target), with the keys in :data:`RESULT_FIELDS`. Accuracy is a fraction in
+[0, 1]; times are seconds; sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, is_dataclass
+from typing import Any, Iterable
+
+RESULT_FIELDS: tuple[str, ...] = (
+    "sweep_id", "point_index", "point", "pipeline", "stages", "target", "status",
+    "top1", "top1_std", "top5", "time_per_sample_s", "time_per_sample_s_std",
+    "throughput_samples_per_s", "repeats", "params", "macs", "size_bytes", "materialized",
+)
+
+
+def result_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        d = asdict(r) if is_dataclass(r) else dict(r)
+        out.append({k: d.get(k) for k in RESULT_FIELDS})
+    return out
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("MiB", 1024**2), ("KiB", 1024)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render_results(rows: Iterable[Any], fmt: str) -> str:
+    data = result_dicts(rows)
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS), lineterminator="\n")
+        w.writeheader()
+        for d in data:
+            w.writerow({**d, "stages": " > ".join(d["stages"] or [])})
+        return buf.getvalue().rstrip("\n")
+    return _table(data)
+
+
+def _table(data: list[dict[str, Any]]) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(show_lines=False, header_style="bold")
+    for col, just in (("#", "right"), ("point", "left"), ("target", "left"), ("top1 %", "right"),
+                      ("top5 %", "right"), ("ms/sample (± std)", "right"), ("params", "right"),
+                      ("MACs", "right"), ("size", "right"), ("compression", "left")):
+        t.add_column(col, justify=just)
+    for d in data:
+        if d["status"] != "succeeded":
+            t.add_row(str(d["point_index"]), d["point"], d["target"], "-", "-", d["status"] or "-",
+                      "-", "-", "-", "-")
+            continue
+        tps = d["time_per_sample_s"]
+        std = d["time_per_sample_s_std"] or 0.0
+        t.add_row(
+            str(d["point_index"]), d["point"], d["target"], _pct(d["top1"]), _pct(d["top5"]),
+            f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
+            _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
+            "materialized" if d["materialized"] else "simulated",
+        )
+    console = Console(width=200, record=True, file=io.StringIO(), force_terminal=False)
+    console.print(t)
+    return console.export_text().rstrip("\n")

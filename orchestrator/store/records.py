@@ -1,0 +1,165 @@
+"""Frozen records the store hands to readers (CLI, reports, the coordinator on resume).
+
+Readers never see ORM rows: a record is a snapshot, detached from any session, safe to
+keep, pass between threads and compare. JSON columns come back as plain ``dict``/``list``
+values (the dataclass is frozen, its JSON payload is a copy owned by the caller).
+Units live in field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EnergyRecord:
+    """Energy of one meter window and the carbon accounted for it.
+
+    ``*_source`` is how a domain's figure was obtained (``nvml-counter``, ``nvml-power``,
+    ``rapl``, ``estimate-tdp``, ``none``); a domain without a sensor has ``None`` energy.
+    Carbon fields are ``None`` until carbon accounting has filled them.
+    """
+
+    gpu_energy_j: float | None
+    cpu_energy_j: float | None
+    dram_energy_j: float | None
+    gpu_source: str | None
+    cpu_source: str | None
+    dram_source: str | None
+    gpu_idle_power_w: float | None
+    cpu_idle_power_w: float | None
+    dram_idle_power_w: float | None
+    carbon_g: float | None
+    intensity_g_per_kwh: float | None
+    intensity_source: str | None
+    intensity_kind: str | None
+
+    @property
+    def total_energy_j(self) -> float | None:
+        """Sum of the domains that have a figure; None when no domain has one."""
+        parts = [v for v in (self.gpu_energy_j, self.cpu_energy_j, self.dram_energy_j) if v is not None]
+        return sum(parts) if parts else None
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    id: str
+    name: str
+    spec_text: str
+    spec_hash: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    artifact_root: str
+    naive_stage_count: int
+    unique_stage_count: int
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    sweep_id: str
+    key: str
+    kind: str
+    params: dict[str, Any]
+    parent_key: str | None
+    target: str | None
+    status: str
+    attempts: int
+    error: str | None
+    traceback: str | None
+    node_id: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    metrics: dict[str, Any]
+    energy: EnergyRecord | None  # None when the stage reported no meter reading
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    key: str
+    kind: str
+    path: str
+    size_bytes: int
+    sha256: str
+    materialized: bool
+    params: int
+    macs: int
+    compression: dict[str, Any]
+    created_at: datetime
+    created_by_sweep: str | None
+
+
+@dataclass(frozen=True)
+class MeasurementRecord:
+    """One measured evaluation repeat."""
+
+    sweep_id: str
+    stage_key: str
+    repeat: int
+    samples: int
+    top1: float
+    top5: float
+    duration_s: float
+    time_per_sample_s: float
+    throughput_samples_per_s: float
+    energy: EnergyRecord | None  # None when the repeat had no meter reading
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    node_type: str | None
+    region: str | None
+    hostname: str | None
+    hardware: dict[str, Any]
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One sweep point -- a compression chain evaluated on one target -- with its numbers.
+
+    Means and standard deviations are over the evaluation repeats (sample std; 0.0 for a
+    single repeat). Metric fields are ``None`` unless the evaluate stage ``succeeded`` (or
+    was ``reused``: its repeats then come from the sweep that measured them,
+    ``measured_in_sweep``). Energy and carbon are per sample, gross (idle power not
+    subtracted); a per-domain figure is ``None`` when that domain had no sensor, and
+    ``energy_sources`` says where each domain's figure came from. Model facts (params,
+    MACs, on-disk bytes, materialized) describe the last compression stage's artifact.
+    """
+
+    sweep_id: str
+    point_index: int
+    point: str  # readable label, e.g. "structured(all,0.5) > quantize(w8a8)"
+    pipeline: str
+    stage_keys: tuple[str, ...]  # root .. last compression stage
+    stages: tuple[str, ...]  # the same chain as readable "kind(param=value, ...)" labels
+    target: str
+    eval_key: str
+    status: str  # status of the evaluate stage
+    node_id: str | None  # node the evaluation ran on
+    measured_in_sweep: str | None
+    repeats: int
+    top1: float | None
+    top1_std: float | None
+    top5: float | None
+    top5_std: float | None
+    time_per_sample_s: float | None
+    time_per_sample_s_std: float | None
+    throughput_samples_per_s: float | None
+    energy_j_per_sample: float | None
+    energy_j_per_sample_std: float | None
+    gpu_energy_j_per_sample: float | None
+    cpu_energy_j_per_sample: float | None
+    dram_energy_j_per_sample: float | None
+    energy_sources: dict[str, str]  # domain ("gpu", "cpu", "dram") -> source
+    carbon_g_per_sample: float | None
+    params: int | None
+    macs: int | None
+    size_bytes: int | None
+    materialized: bool | None

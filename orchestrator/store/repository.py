@@ -1,0 +1,747 @@
+"""The store: everything greensweep records about sweeps, stages, artifacts, measurements
+and nodes, behind one class, :class:`Store`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from orchestrator.errors import UsageError
+from orchestrator.store.models import (
+    STAGE_STATUSES,
+    SWEEP_STATUSES,
+    ArtifactModel,
+    EnergyColumns,
+    MeasurementModel,
+    NodeModel,
+    PointModel,
+    StageModel,
+    SweepModel,
+    utcnow,
+)
+from orchestrator.store.records import (
+    ArtifactRecord,
+    EnergyRecord,
+    MeasurementRecord,
+    NodeRecord,
+    ResultRow,
+    StageRecord,
+    SweepRecord,
+)
+from orchestrator.store.session import SessionScope, create_engine_for, default_db_url
+from workers.types import EnergyReading, StageResult
+
+_TERMINAL_SWEEP_STATUSES = frozenset({"succeeded", "partial", "failed", "cancelled"})
+
+
+class Store:
+    """greensweep's record of sweeps: SQLite (embedded default) or PostgreSQL.
+
+    **Who writes.** Only the coordinator writes; workers return :class:`StageResult`
+    objects and never touch the store. Readers (CLI, reports) get frozen records, never
+    ORM rows.
+
+    **Transactions.** Every method is one transaction: it commits whole or not at all
+    (``create_sweep`` writes a sweep with all its stages and points, or nothing). Database
+    errors surface as :class:`~orchestrator.errors.StoreError` with a one-line message
+    (passwords masked); a sweep or stage id that is not in the store raises
+    :class:`~orchestrator.errors.UsageError`.
+
+    **Idempotency.** ``record_stage_result`` may be replayed (a retried or resumed stage):
+    the stage row is overwritten, the artifact row is upserted by key, and measurements
+    are upserted on (sweep, stage key, repeat), so replaying never duplicates a row.
+    ``mark_stage_reused``, ``mark_stage_skipped``, ``set_sweep_status`` and ``upsert_node``
+    are idempotent too; ``mark_stage_running`` counts an attempt each time it is called;
+    ``create_sweep`` is done once per sweep id.
+
+    **Threads and processes.** A ``Store`` may be shared between threads (each call
+    takes its own session and pooled connection). Several processes may open the same
+    store: on SQLite writers queue on the write lock (WAL, busy timeout,
+    ``BEGIN IMMEDIATE``) and readers never block.
+
+    Open one with :meth:`Store.open`; close it (or use it as a context manager) to release
+    its connections.
+    """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        """Wrap an engine made by :func:`create_engine_for`; use :meth:`open` instead,
+        which also checks the schema."""
+        self._session = SessionScope(engine, url)
+
+    @classmethod
+    def open(cls, url: str | None = None, *, upgrade: bool = False) -> Store:
+        """Connect to the store at *url* (default :func:`default_db_url`) and check its
+        schema.
+
+        An empty database gets the schema created. A store at an older schema revision is
+        migrated when *upgrade* is true and otherwise raises
+        :class:`~orchestrator.errors.SchemaMismatchError` naming the exact
+        ``greensweep db upgrade`` command; a store written by a newer greensweep always
+        raises it.
+        """
+        from orchestrator.store.migrations import ensure_schema
+
+        url = url or default_db_url()
+        engine = create_engine_for(url)
+        try:
+            ensure_schema(engine, url, upgrade=upgrade)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, url)
+
+    @property
+    def masked_url(self) -> str:
+        """The store's URL with its password masked, for messages."""
+        return self._session.masked_url
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        self._session.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- writes
+
+    def create_sweep(
+        self,
+        sweep_id: str,
+        name: str,
+        spec_text: str,
+        spec_hash: str,
+        artifact_root: str,
+        stages: Sequence[Mapping[str, Any]],
+        points: Sequence[Mapping[str, Any]],
+        naive_stage_count: int,
+    ) -> None:
+        """Record a planned sweep (status ``pending``) with its stages and points, in one
+        transaction: on any failure nothing is written.
+
+        *stages* are in plan order (parents first), each with ``key``, ``kind``,
+        ``params`` and optionally ``parent_key`` and ``target`` (evaluate stages). *points*
+        each have ``point_index``, ``label``, ``pipeline``, ``stage_keys`` (root .. last
+        compression stage), ``target`` and ``eval_key`` (a key among *stages*).
+        """
+        now = utcnow()
+        sweep_row = {
+            "id": sweep_id,
+            "name": name,
+            "spec_text": spec_text,
+            "spec_hash": spec_hash,
+            "status": "pending",
+            "created_at": now,
+            "artifact_root": artifact_root,
+            "naive_stage_count": naive_stage_count,
+            "unique_stage_count": len(stages),
+        }
+        stage_rows = [
+            {
+                "sweep_id": sweep_id,
+                "key": _field(stage, "key", "stage", position),
+                "position": position,
+                "kind": _field(stage, "kind", "stage", position),
+                "params": dict(_field(stage, "params", "stage", position)),
+                "parent_key": stage.get("parent_key"),
+                "target": stage.get("target"),
+                "status": "pending",
+                "attempts": 0,
+                "metrics": {},
+            }
+            for position, stage in enumerate(stages)
+        ]
+        point_rows = [
+            {
+                "sweep_id": sweep_id,
+                **{f: _field(point, f, "point", i) for f in ("point_index", "label", "pipeline", "target", "eval_key")},
+                "stage_keys": list(_field(point, "stage_keys", "point", i)),
+            }
+            for i, point in enumerate(points)
+        ]
+        with self._session(write=True) as session:
+            session.add(SweepModel(**sweep_row))
+            session.flush()
+            if stage_rows:
+                session.execute(insert(StageModel), stage_rows)
+            if point_rows:
+                session.execute(insert(PointModel), point_rows)
+
+    def set_sweep_status(self, sweep_id: str, status: str) -> None:
+        """Move a sweep to *status*. ``running`` stamps ``started_at`` the first time and
+        clears ``finished_at`` (a resumed sweep runs again); a terminal status
+        (``succeeded``, ``partial``, ``failed``, ``cancelled``) stamps ``finished_at``;
+        ``pending`` clears it."""
+        if status not in SWEEP_STATUSES:
+            raise ValueError(f"unknown sweep status {status!r}; one of: {', '.join(SWEEP_STATUSES)}")
+        with self._session(write=True) as session:
+            row = self._sweep_row(session, sweep_id)
+            now = utcnow()
+            row.status = status
+            if status == "running":
+                row.started_at = row.started_at or now
+                row.finished_at = None
+            elif status in _TERMINAL_SWEEP_STATUSES:
+                row.finished_at = now
+            else:
+                row.finished_at = None
+
+    def mark_stage_running(self, sweep_id: str, key: str, node_id: str) -> None:
+        """A stage was dispatched to *node_id*: one more attempt, timestamps restarted,
+        the previous attempt's error cleared."""
+        with self._session(write=True) as session:
+            row = self._stage_row(session, sweep_id, key)
+            row.status = "running"
+            row.attempts = StageModel.attempts + 1  # in SQL: no lost increment
+            row.node_id = node_id
+            row.started_at = utcnow()
+            row.finished_at = None
+            row.duration_s = None
+            row.error = None
+            row.traceback = None
+
+    def mark_stage_reused(self, sweep_id: str, key: str) -> None:
+        """The stage's artifact already exists (an earlier sweep or run made it); the
+        stage does not run."""
+        with self._session(write=True) as session:
+            row = self._stage_row(session, sweep_id, key)
+            row.status = "reused"
+            row.finished_at = utcnow()
+            row.error = None
+            row.traceback = None
+
+    def mark_stage_skipped(self, sweep_id: str, key: str, reason: str) -> None:
+        """The stage will not run (e.g. its parent failed); *reason* is kept as its error."""
+        with self._session(write=True) as session:
+            row = self._stage_row(session, sweep_id, key)
+            row.status = "skipped"
+            row.finished_at = utcnow()
+            row.error = _one_line(reason)
+
+    def record_stage_result(self, sweep_id: str, result: StageResult) -> None:
+        """Persist what a worker returned for stage ``result.key`` of *sweep_id*.
+
+        Idempotent on (sweep, key): the stage row takes the result's status, metrics,
+        error, duration, node and energy; its artifact is upserted by key (artifacts are
+        global across sweeps; the first sweep to record one stays its creator); the
+        stage's measurements become exactly one row per :class:`EvalRepeat`, keyed by
+        (sweep, stage key, repeat). Carbon figures already accounted are kept.
+        """
+        now = utcnow()
+        with self._session(write=True) as session:
+            row = self._stage_row(session, sweep_id, result.key)
+            if row.kind != result.kind:
+                raise ValueError(
+                    f"result for stage {result.key!r} is a {result.kind!r} result; the stage is a {row.kind!r}"
+                )
+            row.status = result.status
+            row.metrics = dict(result.metrics)
+            row.error = _one_line(result.error)
+            row.traceback = result.traceback
+            row.node_id = result.node_id
+            row.duration_s = result.duration_s
+            row.finished_at = now
+            for column, value in _energy_values(result.energy).items():
+                setattr(row, column, value)
+
+            if result.artifact is not None:
+                a = result.artifact
+                values = {
+                    "key": a.key,
+                    "kind": result.kind,
+                    "path": a.path,
+                    "size_bytes": a.size_bytes,
+                    "sha256": a.sha256,
+                    "materialized": a.materialized,
+                    "params": a.params,
+                    "macs": a.macs,
+                    "compression": dict(a.compression),
+                    "created_at": now,
+                    "created_by_sweep": sweep_id,
+                }
+                _upsert(session, ArtifactModel, [values], ("key",), exclude=("created_at", "created_by_sweep"))
+
+            numbers = [r.repeat for r in result.repeats]
+            session.execute(
+                delete(MeasurementModel).where(
+                    MeasurementModel.sweep_id == sweep_id,
+                    MeasurementModel.stage_key == result.key,
+                    MeasurementModel.repeat.not_in(numbers),
+                )
+            )
+            measurement_rows = [
+                {
+                    "sweep_id": sweep_id,
+                    "stage_key": result.key,
+                    "repeat": r.repeat,
+                    "samples": r.samples,
+                    "top1": r.top1,
+                    "top5": r.top5,
+                    "duration_s": r.duration_s,
+                    "time_per_sample_s": r.time_per_sample_s,
+                    "throughput_samples_per_s": r.throughput_samples_per_s,
+                    **_energy_values(r.energy),
+                }
+                for r in result.repeats
+            ]
+            _upsert(session, MeasurementModel, measurement_rows, ("sweep_id", "stage_key", "repeat"))
+
+    def upsert_node(
+        self,
+        node_id: str,
+        node_type: str | None,
+        region: str | None,
+        hostname: str | None,
+        hardware: Mapping[str, Any],
+    ) -> None:
+        """Record a Ray node as seen now (``first_seen`` stays the first time)."""
+        now = utcnow()
+        values = {
+            "node_id": node_id,
+            "node_type": node_type,
+            "region": region,
+            "hostname": hostname,
+            "hardware": dict(hardware),
+            "first_seen": now,
+            "last_seen": now,
+        }
+        with self._session(write=True) as session:
+            _upsert(session, NodeModel, [values], ("node_id",), exclude=("first_seen",))
+
+    # ------------------------------------------------------------------ reads
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord | None:
+        with self._session(write=False) as session:
+            row = session.get(SweepModel, sweep_id)
+            return None if row is None else _sweep_record(row)
+
+    def list_sweeps(self, limit: int = 20) -> list[SweepRecord]:
+        """The *limit* most recently created sweeps, newest first."""
+        with self._session(write=False) as session:
+            rows = session.scalars(
+                select(SweepModel).order_by(SweepModel.created_at.desc(), SweepModel.id.desc()).limit(limit)
+            )
+            return [_sweep_record(r) for r in rows]
+
+    def latest_sweep_id(self) -> str | None:
+        """The id of the most recently created sweep; None when the store has none."""
+        with self._session(write=False) as session:
+            return session.scalar(
+                select(SweepModel.id).order_by(SweepModel.created_at.desc(), SweepModel.id.desc()).limit(1)
+            )
+
+    def stages(self, sweep_id: str) -> list[StageRecord]:
+        """The sweep's stages in plan order (parents before children)."""
+        with self._session(write=False) as session:
+            self._sweep_row(session, sweep_id)
+            rows = session.scalars(
+                select(StageModel).where(StageModel.sweep_id == sweep_id).order_by(StageModel.position)
+            )
+            return [_stage_record(r) for r in rows]
+
+    def stage_counts(self, sweep_id: str) -> dict[str, int]:
+        """How many of the sweep's stages are in each status: only statuses that occur,
+        in :data:`STAGE_STATUSES` order (e.g. ``{"succeeded": 4, "reused": 5}``)."""
+        with self._session(write=False) as session:
+            self._sweep_row(session, sweep_id)
+            query = (
+                select(StageModel.status, func.count())
+                .where(StageModel.sweep_id == sweep_id)
+                .group_by(StageModel.status)
+            )
+            counts: dict[str, int] = dict(session.execute(query).all())
+            return {status: counts[status] for status in STAGE_STATUSES if status in counts}
+
+    def artifact(self, key: str) -> ArtifactRecord | None:
+        with self._session(write=False) as session:
+            row = session.get(ArtifactModel, key)
+            return None if row is None else _artifact_record(row)
+
+    def measurements(self, sweep_id: str, stage_key: str | None = None) -> list[MeasurementRecord]:
+        """The sweep's measured evaluation repeats (of one stage when *stage_key* is given),
+        ordered by stage key and repeat."""
+        with self._session(write=False) as session:
+            self._sweep_row(session, sweep_id)
+            query = select(MeasurementModel).where(MeasurementModel.sweep_id == sweep_id)
+            if stage_key is not None:
+                query = query.where(MeasurementModel.stage_key == stage_key)
+            rows = session.scalars(query.order_by(MeasurementModel.stage_key, MeasurementModel.repeat))
+            return [_measurement_record(r) for r in rows]
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node the coordinator has seen, by node type then id."""
+        with self._session(write=False) as session:
+            rows = session.scalars(select(NodeModel).order_by(NodeModel.node_type, NodeModel.node_id))
+            return [_node_record(r) for r in rows]
+
+    def results(self, sweep_id: str) -> list[ResultRow]:
+        """One row per sweep point, in point order: see :class:`ResultRow`.
+
+        Means and standard deviations are computed here, in Python, from the measurement
+        rows (portable across backends). A point whose evaluate stage was ``reused`` gets
+        the repeats of the latest sweep in which that stage succeeded.
+        """
+        with self._session(write=False) as session:
+            self._sweep_row(session, sweep_id)
+            points = session.scalars(
+                select(PointModel).where(PointModel.sweep_id == sweep_id).order_by(PointModel.point_index)
+            ).all()
+            stages = {s.key: s for s in session.scalars(select(StageModel).where(StageModel.sweep_id == sweep_id))}
+
+            repeats: dict[str, list[MeasurementModel]] = defaultdict(list)
+            for m in session.scalars(
+                select(MeasurementModel).where(MeasurementModel.sweep_id == sweep_id).order_by(MeasurementModel.repeat)
+            ):
+                repeats[m.stage_key].append(m)
+
+            # Reused evaluations were measured by an earlier sweep: find the latest one.
+            measured_by: dict[str, StageModel] = {}
+            reused = {p.eval_key for p in points if stages[p.eval_key].status == "reused"}
+            if reused:
+                earlier = session.scalars(
+                    select(StageModel)
+                    .where(
+                        StageModel.key.in_(reused),
+                        StageModel.status == "succeeded",
+                        StageModel.sweep_id != sweep_id,
+                    )
+                    .order_by(StageModel.finished_at.desc())
+                )
+                for stage in earlier:
+                    measured_by.setdefault(stage.key, stage)
+                for key, stage in measured_by.items():
+                    repeats[key] = list(
+                        session.scalars(
+                            select(MeasurementModel)
+                            .where(MeasurementModel.sweep_id == stage.sweep_id, MeasurementModel.stage_key == key)
+                            .order_by(MeasurementModel.repeat)
+                        )
+                    )
+
+            model_keys = {p.stage_keys[-1] for p in points if p.stage_keys}
+            artifacts = {
+                a.key: a for a in session.scalars(select(ArtifactModel).where(ArtifactModel.key.in_(model_keys)))
+            }
+
+            rows = []
+            for p in points:
+                evaluation = stages[p.eval_key]
+                if evaluation.status == "succeeded":
+                    measured: StageModel | None = evaluation
+                else:
+                    measured = measured_by.get(p.eval_key)  # None unless reused
+                artifact = artifacts.get(p.stage_keys[-1]) if p.stage_keys else None
+                rows.append(
+                    _result_row(
+                        p,
+                        stages,
+                        evaluation,
+                        measured,
+                        repeats.get(p.eval_key, []) if measured is not None else [],
+                        artifact,
+                    )
+                )
+            return rows
+
+    # --------------------------------------------------------------- helpers
+
+    def _sweep_row(self, session: Session, sweep_id: str) -> SweepModel:
+        row = session.get(SweepModel, sweep_id)
+        if row is None:
+            raise UsageError(f"no sweep {sweep_id!r} in the store at {self.masked_url}")
+        return row
+
+    def _stage_row(self, session: Session, sweep_id: str, key: str) -> StageModel:
+        row = session.get(StageModel, (sweep_id, key))
+        if row is None:
+            self._sweep_row(session, sweep_id)
+            raise UsageError(f"sweep {sweep_id!r} has no stage {key!r} in the store at {self.masked_url}")
+        return row
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _field(item: Mapping[str, Any], name: str, what: str, index: int) -> Any:
+    try:
+        return item[name]
+    except KeyError:
+        raise ValueError(f"{what} #{index} given to create_sweep lacks {name!r}") from None
+
+
+def _one_line(text: str | None) -> str | None:
+    if text is None:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return lines[0] if lines else ""
+
+
+def _energy_values(energy: EnergyReading | None) -> dict[str, Any]:
+    """The meter columns of :class:`EnergyColumns` (not the carbon ones) for a reading."""
+    if energy is None:
+        return dict.fromkeys(_METER_COLUMNS)
+    return {
+        "gpu_energy_j": energy.gpu_energy_j,
+        "cpu_energy_j": energy.cpu_energy_j,
+        "dram_energy_j": energy.dram_energy_j,
+        "gpu_energy_source": energy.gpu_source,
+        "cpu_energy_source": energy.cpu_source,
+        "dram_energy_source": energy.dram_source,
+        "gpu_idle_power_w": energy.gpu_idle_power_w,
+        "cpu_idle_power_w": energy.cpu_idle_power_w,
+        "dram_idle_power_w": energy.dram_idle_power_w,
+    }
+
+
+_METER_COLUMNS: tuple[str, ...] = tuple(_energy_values(EnergyReading(duration_s=0.0)))
+
+
+def _dialect_insert(session: Session, model: type) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` support: the backend's own insert construct (the
+    engine factory admits only SQLite and PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(model)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(model)
+
+
+def _upsert(
+    session: Session,
+    model: type,
+    rows: list[dict[str, Any]],
+    key: tuple[str, ...],
+    exclude: Iterable[str] = (),
+) -> None:
+    """INSERT *rows*, or on a conflict of *key* UPDATE the given columns (except *key*
+    and *exclude*): ``ON CONFLICT DO UPDATE`` on both SQLite and PostgreSQL."""
+    if not rows:
+        return
+    statement = _dialect_insert(session, model).values(rows)
+    keep = set(key) | set(exclude)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key),
+        set_={column: statement.excluded[column] for column in rows[0] if column not in keep},
+    )
+    session.execute(statement)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _energy_record(row: EnergyColumns) -> EnergyRecord | None:
+    record = EnergyRecord(
+        gpu_energy_j=row.gpu_energy_j,
+        cpu_energy_j=row.cpu_energy_j,
+        dram_energy_j=row.dram_energy_j,
+        gpu_source=row.gpu_energy_source,
+        cpu_source=row.cpu_energy_source,
+        dram_source=row.dram_energy_source,
+        gpu_idle_power_w=row.gpu_idle_power_w,
+        cpu_idle_power_w=row.cpu_idle_power_w,
+        dram_idle_power_w=row.dram_idle_power_w,
+        carbon_g=row.carbon_g,
+        intensity_g_per_kwh=row.intensity_g_per_kwh,
+        intensity_source=row.intensity_source,
+        intensity_kind=row.intensity_kind,
+    )
+    return None if all(v is None for v in vars(record).values()) else record
+
+
+def _sweep_record(row: SweepModel) -> SweepRecord:
+    return SweepRecord(
+        id=row.id,
+        name=row.name,
+        spec_text=row.spec_text,
+        spec_hash=row.spec_hash,
+        status=row.status,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        artifact_root=row.artifact_root,
+        naive_stage_count=row.naive_stage_count,
+        unique_stage_count=row.unique_stage_count,
+    )
+
+
+def _stage_record(row: StageModel) -> StageRecord:
+    return StageRecord(
+        sweep_id=row.sweep_id,
+        key=row.key,
+        kind=row.kind,
+        params=dict(row.params),
+        parent_key=row.parent_key,
+        target=row.target,
+        status=row.status,
+        attempts=row.attempts,
+        error=row.error,
+        traceback=row.traceback,
+        node_id=row.node_id,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        duration_s=row.duration_s,
+        metrics=dict(row.metrics),
+        energy=_energy_record(row),
+    )
+
+
+def _artifact_record(row: ArtifactModel) -> ArtifactRecord:
+    return ArtifactRecord(
+        key=row.key,
+        kind=row.kind,
+        path=row.path,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        materialized=row.materialized,
+        params=row.params,
+        macs=row.macs,
+        compression=dict(row.compression),
+        created_at=row.created_at,
+        created_by_sweep=row.created_by_sweep,
+    )
+
+
+def _measurement_record(row: MeasurementModel) -> MeasurementRecord:
+    return MeasurementRecord(
+        sweep_id=row.sweep_id,
+        stage_key=row.stage_key,
+        repeat=row.repeat,
+        samples=row.samples,
+        top1=row.top1,
+        top5=row.top5,
+        duration_s=row.duration_s,
+        time_per_sample_s=row.time_per_sample_s,
+        throughput_samples_per_s=row.throughput_samples_per_s,
+        energy=_energy_record(row),
+    )
+
+
+def _node_record(row: NodeModel) -> NodeRecord:
+    return NodeRecord(
+        node_id=row.node_id,
+        node_type=row.node_type,
+        region=row.region,
+        hostname=row.hostname,
+        hardware=dict(row.hardware),
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+    )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation; 0.0 for a single value, None for none."""
+    if not values:
+        return None
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _total_energy_j(row: EnergyColumns) -> float | None:
+    parts = [v for v in (row.gpu_energy_j, row.cpu_energy_j, row.dram_energy_j) if v is not None]
+    return sum(parts) if parts else None
+
+
+def _per_sample(measurements: Sequence[MeasurementModel], column: str) -> list[float]:
+    values = [(getattr(m, column), m.samples) for m in measurements]
+    return [v / n for v, n in values if v is not None and n > 0]
+
+
+def _result_row(
+    point: PointModel,
+    stages: Mapping[str, StageModel],
+    evaluation: StageModel,
+    measured: StageModel | None,
+    measurements: Sequence[MeasurementModel],
+    artifact: ArtifactModel | None,
+) -> ResultRow:
+    top1 = [m.top1 for m in measurements]
+    top5 = [m.top5 for m in measurements]
+    time_per_sample = [m.time_per_sample_s for m in measurements]
+    energy_per_sample = [
+        total / m.samples for m in measurements if (total := _total_energy_j(m)) is not None and m.samples > 0
+    ]
+    first = measurements[0] if measurements else None
+    sources = {}
+    if first is not None:
+        for domain in ("gpu", "cpu", "dram"):
+            source = getattr(first, f"{domain}_energy_source")
+            if source is not None:
+                sources[domain] = source
+    facts: Mapping[str, Any] = (
+        {
+            "params": artifact.params,
+            "macs": artifact.macs,
+            "size_bytes": artifact.size_bytes,
+            "materialized": artifact.materialized,
+        }
+        if artifact is not None
+        else (measured or evaluation).metrics  # what the evaluation saw of the model
+    )
+    return ResultRow(
+        sweep_id=point.sweep_id,
+        point_index=point.point_index,
+        point=point.label,
+        pipeline=point.pipeline,
+        stage_keys=tuple(point.stage_keys),
+        stages=tuple(stage_label(stages[k].kind, stages[k].params) if k in stages else k for k in point.stage_keys),
+        target=point.target,
+        eval_key=point.eval_key,
+        status=evaluation.status,
+        node_id=measured.node_id if measured is not None else evaluation.node_id,
+        measured_in_sweep=measured.sweep_id if measured is not None else None,
+        repeats=len(measurements),
+        top1=_mean(top1),
+        top1_std=_std(top1),
+        top5=_mean(top5),
+        top5_std=_std(top5),
+        time_per_sample_s=_mean(time_per_sample),
+        time_per_sample_s_std=_std(time_per_sample),
+        throughput_samples_per_s=_mean([m.throughput_samples_per_s for m in measurements]),
+        energy_j_per_sample=_mean(energy_per_sample),
+        energy_j_per_sample_std=_std(energy_per_sample),
+        gpu_energy_j_per_sample=_mean(_per_sample(measurements, "gpu_energy_j")),
+        cpu_energy_j_per_sample=_mean(_per_sample(measurements, "cpu_energy_j")),
+        dram_energy_j_per_sample=_mean(_per_sample(measurements, "dram_energy_j")),
+        energy_sources=sources,
+        carbon_g_per_sample=_mean(_per_sample(measurements, "carbon_g")),
+        params=facts.get("params"),
+        macs=facts.get("macs"),
+        size_bytes=facts.get("size_bytes"),
+        materialized=facts.get("materialized"),
+    )
+
+
+def stage_label(kind: str, params: Mapping[str, Any]) -> str:
+    """A readable label for a stage, ``kind(name=value, ...)``, leaving out parameters at
+    the defaults of the kind's registered parameter model."""
+    defaults = _param_defaults(kind)
+    shown = [f"{k}={_format(v)}" for k, v in params.items() if k not in defaults or defaults[k] != v]
+    return f"{kind}({', '.join(shown)})"
+
+
+@cache
+def _param_defaults(kind: str) -> dict[str, Any]:
+    from workers.stages.registry import STAGE_KINDS  # pydantic: imported only when labelling
+
+    if kind not in STAGE_KINDS:
+        return {}
+    fields = STAGE_KINDS[kind].params.model_fields
+    return {name: f.get_default(call_default_factory=True) for name, f in fields.items() if not f.is_required()}
+
+
+def _format(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

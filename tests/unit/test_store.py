@@ -1,0 +1,525 @@
+"""The store's contract, on every backend: SQLite (a temporary file) always, PostgreSQL
+(a fresh schema per test) when ``GREENSWEEP_TEST_POSTGRES_URL`` is set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from orchestrator.errors import SchemaMismatchError, StoreError, UsageError, mask_url
+from orchestrator.store import Store, create_engine_for, current, default_db_url, head, migrations, upgrade
+from orchestrator.store.models import Base
+from workers.types import ArtifactInfo, EnergyReading, EvalRepeat, StageResult
+
+POSTGRES_ENV = "GREENSWEEP_TEST_POSTGRES_URL"
+TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "alembic_version"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} not set")
+    from tests.pg import fresh_schema_url
+
+    with fresh_schema_url(url) as scoped:
+        yield scoped
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    with Store.open(db_url) as s:
+        yield s
+
+
+# A sweep: train -> prune -> quantize, evaluated at the baseline and at the end.
+STAGES = [
+    {"key": "k-train", "kind": "train", "params": {"epochs": 3, "lr": 0.002}, "parent_key": None},
+    {
+        "key": "k-prune",
+        "kind": "prune",
+        "params": {"method": "structured", "ratio": 0.5, "mode": "all"},
+        "parent_key": "k-train",
+    },
+    {
+        "key": "k-quant",
+        "kind": "quantize",
+        "params": {"weights": "int8", "activations": "int8"},
+        "parent_key": "k-prune",
+    },
+    {
+        "key": "k-eval0",
+        "kind": "evaluate",
+        "params": {"target": "cpu", "repeats": 3},
+        "parent_key": "k-train",
+        "target": "cpu",
+    },
+    {
+        "key": "k-eval1",
+        "kind": "evaluate",
+        "params": {"target": "cpu", "repeats": 3},
+        "parent_key": "k-quant",
+        "target": "cpu",
+    },
+]
+POINTS = [
+    {
+        "point_index": 0,
+        "label": "baseline",
+        "pipeline": "baseline",
+        "stage_keys": ["k-train"],
+        "target": "cpu",
+        "eval_key": "k-eval0",
+    },
+    {
+        "point_index": 1,
+        "label": "structured(all,0.5) > quantize(w8a8)",
+        "pipeline": "structured",
+        "stage_keys": ["k-train", "k-prune", "k-quant"],
+        "target": "cpu",
+        "eval_key": "k-eval1",
+    },
+]
+
+
+def create(store: Store, sweep_id: str = "sw-000000000001", stages: list[dict] = STAGES) -> None:
+    store.create_sweep(sweep_id, "tiny", "name: tiny\n", "hash", "/artifacts", stages, POINTS, naive_stage_count=6)
+
+
+def artifact_result(key: str, kind: str, *, params: int = 1000, materialized: bool = True) -> StageResult:
+    artifact = ArtifactInfo(
+        key=key,
+        path=f"/artifacts/{key}",
+        size_bytes=4096,
+        sha256="ab" * 32,
+        materialized=materialized,
+        params=params,
+        macs=10 * params,
+        compression={"by": kind},
+    )
+    return StageResult(
+        key=key,
+        kind=kind,
+        status="succeeded",
+        duration_s=2.0,
+        node_id="node-a",
+        artifact=artifact,
+        energy=EnergyReading(duration_s=2.0, cpu_energy_j=30.0, cpu_source="estimate-tdp"),
+    )
+
+
+def eval_result(key: str, top1: list[float], *, energy_j: float | None = 10.0) -> StageResult:
+    repeats = tuple(
+        EvalRepeat(
+            repeat=i,
+            samples=100,
+            top1=t,
+            top5=min(1.0, t + 0.05),
+            duration_s=1.0 + i,
+            time_per_sample_s=(1.0 + i) / 100,
+            throughput_samples_per_s=100 / (1.0 + i),
+            energy=None
+            if energy_j is None
+            else EnergyReading(duration_s=1.0 + i, cpu_energy_j=energy_j * (i + 1), cpu_source="rapl"),
+        )
+        for i, t in enumerate(top1)
+    )
+    return StageResult(
+        key=key,
+        kind="evaluate",
+        status="succeeded",
+        duration_s=5.0,
+        node_id="node-b",
+        repeats=repeats,
+        metrics={"params": 1, "macs": 2, "size_bytes": 3, "materialized": False},
+    )
+
+
+def count(url: str, table: str) -> int:
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as c:
+            return c.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- schema
+
+
+def test_open_creates_schema_on_empty_database(db_url: str) -> None:
+    with Store.open(db_url):
+        pass
+    engine = create_engine_for(db_url)
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == TABLES
+    finally:
+        engine.dispose()
+    assert current(db_url) == head() == "0001"
+    assert upgrade(db_url) == head()  # idempotent
+
+
+def test_alembic_head_matches_models(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    upgrade(db_url)
+    engine = create_engine_for(db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def newer_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make this greensweep's head a revision 0002 (a copy of the scripts plus one no-op)."""
+    scripts = tmp_path / "alembic"
+    shutil.copytree(migrations.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0002_next.py").write_text(
+        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n"
+    )
+    monkeypatch.setattr(migrations, "script_location", lambda: scripts)
+    return "0002"
+
+
+def test_older_schema_names_the_upgrade_command(db_url: str, newer_scripts: str) -> None:
+    engine = create_engine_for(db_url)
+    try:
+        migrations.upgrade_engine(engine, db_url, "0001")
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaMismatchError) as info:
+        Store.open(db_url)
+    message = str(info.value)
+    assert message.endswith(f"run: greensweep db upgrade --db {mask_url(db_url)}")
+    assert "'0001'" in message and "'0002'" in message and "\n" not in message
+
+    with Store.open(db_url, upgrade=True):
+        pass
+    assert current(db_url) == newer_scripts
+
+
+def test_newer_schema_asks_to_upgrade_greensweep(db_url: str) -> None:
+    upgrade(db_url)
+    engine = create_engine_for(db_url)
+    try:
+        with engine.begin() as c:
+            c.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    finally:
+        engine.dispose()
+    for attempt in (lambda: Store.open(db_url), lambda: Store.open(db_url, upgrade=True), lambda: upgrade(db_url)):
+        with pytest.raises(SchemaMismatchError, match=r"'9999_future'.*newer greensweep.*upgrade greensweep"):
+            attempt()
+
+
+def test_database_with_other_tables_needs_an_explicit_upgrade(db_url: str) -> None:
+    engine = create_engine_for(db_url)
+    try:
+        with engine.begin() as c:
+            c.execute(sa.text("CREATE TABLE unrelated (id INTEGER PRIMARY KEY)"))
+    finally:
+        engine.dispose()
+    with pytest.raises(SchemaMismatchError, match="has no greensweep schema; run: greensweep db upgrade --db "):
+        Store.open(db_url)
+    with Store.open(db_url, upgrade=True):
+        pass
+    assert current(db_url) == head()
+
+
+def test_downgraded_database_is_recreated(db_url: str) -> None:
+    engine = create_engine_for(db_url)
+    try:
+        migrations.upgrade_engine(engine, db_url)
+        from alembic import command
+
+        with migrations.write_engine(engine).begin() as connection:
+            command.downgrade(migrations.alembic_config(connection), "base")
+        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+    with Store.open(db_url) as store:
+        create(store)
+    assert current(db_url) == head()
+
+
+# ---------------------------------------------------------------- connecting
+
+
+def test_unreachable_postgres_is_one_masked_line() -> None:
+    with pytest.raises(StoreError) as info:
+        create_engine_for("postgresql://greensweep:s3cret-pw@127.0.0.1:1/sweeps")
+    message = str(info.value)
+    assert "s3cret-pw" not in message and "greensweep:***@127.0.0.1:1/sweeps" in message
+    assert "\n" not in message and "cannot connect" in message
+    with pytest.raises(StoreError, match=r"greensweep:\*\*\*@"):
+        Store.open("postgresql+psycopg://greensweep:s3cret-pw@127.0.0.1:1/sweeps")
+
+
+@pytest.mark.parametrize("url", ["not a url", "mysql://u:pw@localhost/db", "postgresql+nosuchdriver://u:pw@h/db"])
+def test_bad_urls_are_store_errors(url: str) -> None:
+    with pytest.raises(StoreError) as info:
+        create_engine_for(url)
+    assert "\n" not in str(info.value) and ":pw@" not in str(info.value)
+
+
+def test_default_url_and_sqlite_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GREENSWEEP_DB_URL", raising=False)
+    assert default_db_url() == "sqlite:///./.greensweep/greensweep.db"
+    monkeypatch.setenv("GREENSWEEP_DB_URL", f"sqlite:///{tmp_path}/nested/dir/store.db")
+    with Store.open() as store:
+        assert store.list_sweeps() == []
+    assert (tmp_path / "nested" / "dir" / "store.db").is_file()
+
+
+def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    engine = create_engine_for(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        with engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_scheme_uses_psycopg() -> None:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"{POSTGRES_ENV} not set")
+    plain = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    engine = create_engine_for(plain)
+    try:
+        assert engine.dialect.driver == "psycopg"
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- writes and reads
+
+
+def test_create_sweep_and_read_back(store: Store) -> None:
+    create(store)
+    sweep = store.get_sweep("sw-000000000001")
+    assert sweep is not None
+    assert (sweep.name, sweep.status, sweep.spec_text) == ("tiny", "pending", "name: tiny\n")
+    assert (sweep.naive_stage_count, sweep.unique_stage_count) == (6, 5)
+    assert sweep.created_at.tzinfo == timezone.utc and sweep.started_at is None
+    stages = store.stages("sw-000000000001")
+    assert [s.key for s in stages] == [s["key"] for s in STAGES]  # plan order
+    assert stages[1].params == {"method": "structured", "ratio": 0.5, "mode": "all"}
+    assert stages[4].target == "cpu" and stages[4].parent_key == "k-quant"
+    assert all(s.status == "pending" and s.attempts == 0 and s.energy is None for s in stages)
+    assert store.stage_counts("sw-000000000001") == {"pending": 5}
+    assert store.get_sweep("sw-nope") is None
+    assert store.latest_sweep_id() == "sw-000000000001"
+
+
+def test_sweep_and_stage_lifecycle(store: Store) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    store.set_sweep_status(sid, "running")
+    started = store.get_sweep(sid).started_at
+    assert started is not None and started.tzinfo == timezone.utc
+    store.mark_stage_running(sid, "k-train", "node-a")
+    store.mark_stage_running(sid, "k-train", "node-b")  # a retry
+    train = store.stages(sid)[0]
+    assert (train.status, train.attempts, train.node_id) == ("running", 2, "node-b")
+    store.mark_stage_reused(sid, "k-prune")
+    store.mark_stage_skipped(sid, "k-quant", "parent failed\nsecond line")
+    failed = StageResult(
+        key="k-train",
+        kind="train",
+        status="failed",
+        duration_s=1.5,
+        node_id="node-b",
+        error="boom: out of memory",
+        traceback="Traceback...\nRuntimeError: boom",
+    )
+    store.record_stage_result(sid, failed)
+    stages = {s.key: s for s in store.stages(sid)}
+    assert stages["k-quant"].error == "parent failed"
+    assert stages["k-train"].error == "boom: out of memory" and "RuntimeError" in stages["k-train"].traceback
+    assert store.stage_counts(sid) == {"pending": 2, "failed": 1, "skipped": 1, "reused": 1}
+    store.set_sweep_status(sid, "partial")
+    sweep = store.get_sweep(sid)
+    assert sweep.status == "partial" and sweep.finished_at >= sweep.started_at == started
+    store.set_sweep_status(sid, "running")  # resumed
+    assert store.get_sweep(sid).finished_at is None and store.get_sweep(sid).started_at == started
+    with pytest.raises(ValueError, match="unknown sweep status"):
+        store.set_sweep_status(sid, "done")
+
+
+def test_unknown_ids_are_usage_errors(store: Store) -> None:
+    create(store)
+    with pytest.raises(UsageError, match="no sweep 'sw-nope'"):
+        store.set_sweep_status("sw-nope", "running")
+    with pytest.raises(UsageError, match="no stage 'k-nope'"):
+        store.mark_stage_running("sw-000000000001", "k-nope", "node-a")
+    with pytest.raises(UsageError):
+        store.results("sw-nope")
+
+
+def test_record_stage_result_is_idempotent(store: Store, db_url: str) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    train = artifact_result("k-train", "train")
+    evaluation = eval_result("k-eval0", [0.8, 0.9, 0.85])
+    for _ in range(2):
+        store.record_stage_result(sid, train)
+        store.record_stage_result(sid, evaluation)
+    assert count(db_url, "artifacts") == 1
+    assert count(db_url, "measurements") == 3
+    assert [m.repeat for m in store.measurements(sid, "k-eval0")] == [0, 1, 2]
+    stage = store.stages(sid)[0]
+    assert stage.status == "succeeded" and stage.energy.cpu_energy_j == 30.0
+    assert stage.energy.cpu_source == "estimate-tdp" and stage.energy.gpu_energy_j is None
+
+    artifact = store.artifact("k-train")
+    assert artifact is not None and artifact.created_by_sweep == sid and artifact.compression == {"by": "train"}
+    assert store.artifact("k-nope") is None
+
+    # A replay with fewer repeats leaves exactly the replayed ones.
+    store.record_stage_result(sid, replace(evaluation, repeats=evaluation.repeats[:2]))
+    assert [m.repeat for m in store.measurements(sid)] == [0, 1]
+
+    # Artifacts are global: another sweep recording the same key updates, not duplicates.
+    create(store, "sw-000000000002")
+    store.record_stage_result("sw-000000000002", replace(train, artifact=replace(train.artifact, size_bytes=1)))
+    assert count(db_url, "artifacts") == 1
+    assert store.artifact("k-train").size_bytes == 1 and store.artifact("k-train").created_by_sweep == sid
+
+
+def test_results_aggregate_repeats(store: Store) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    for key, kind in (("k-train", "train"), ("k-prune", "prune"), ("k-quant", "quantize")):
+        store.record_stage_result(sid, artifact_result(key, kind, params={"k-train": 1000}.get(key, 400)))
+    store.record_stage_result(sid, eval_result("k-eval1", [0.70, 0.80, 0.90]))
+    store.mark_stage_running(sid, "k-eval0", "node-b")
+
+    baseline, compressed = store.results(sid)
+    assert (baseline.point_index, baseline.status, baseline.repeats) == (0, "running", 0)
+    assert baseline.top1 is None and baseline.time_per_sample_s is None and baseline.energy_j_per_sample is None
+    assert baseline.params == 1000 and baseline.materialized is True  # model facts are known anyway
+
+    r = compressed
+    assert r.point == "structured(all,0.5) > quantize(w8a8)" and r.pipeline == "structured"
+    assert r.stage_keys == ("k-train", "k-prune", "k-quant")
+    assert r.stages == (
+        "train(epochs=3)",
+        "prune(method=structured, ratio=0.5, mode=all)",
+        "quantize(weights=int8, activations=int8)",
+    )
+    assert (r.status, r.target, r.node_id, r.repeats, r.measured_in_sweep) == ("succeeded", "cpu", "node-b", 3, sid)
+    assert r.top1 == pytest.approx(0.80) and r.top1_std == pytest.approx(0.10)
+    assert r.top5 == pytest.approx(0.85)
+    assert r.time_per_sample_s == pytest.approx(0.02) and r.time_per_sample_s_std == pytest.approx(0.01)
+    assert r.throughput_samples_per_s == pytest.approx((100 + 50 + 100 / 3) / 3)
+    assert r.energy_j_per_sample == pytest.approx(0.2) and r.energy_j_per_sample_std == pytest.approx(0.1)
+    assert r.cpu_energy_j_per_sample == pytest.approx(0.2) and r.gpu_energy_j_per_sample is None
+    assert r.energy_sources == {"cpu": "rapl", "gpu": "none", "dram": "none"}
+    assert r.carbon_g_per_sample is None
+    assert (r.params, r.macs, r.size_bytes, r.materialized) == (400, 4000, 4096, True)
+
+    store.record_stage_result(sid, eval_result("k-eval0", [0.95], energy_j=None))
+    baseline = store.results(sid)[0]
+    assert baseline.top1 == pytest.approx(0.95) and baseline.top1_std == 0.0 and baseline.time_per_sample_s_std == 0.0
+    assert baseline.energy_j_per_sample is None and baseline.energy_sources == {}
+
+
+def test_reused_evaluation_reports_the_sweep_that_measured_it(store: Store) -> None:
+    create(store, "sw-000000000001")
+    store.record_stage_result("sw-000000000001", eval_result("k-eval1", [0.5, 0.7]))
+    create(store, "sw-000000000002")
+    store.mark_stage_reused("sw-000000000002", "k-eval1")
+    row = store.results("sw-000000000002")[1]
+    assert (row.status, row.measured_in_sweep, row.repeats) == ("reused", "sw-000000000001", 2)
+    assert row.top1 == pytest.approx(0.6)
+    assert row.params == 1  # no artifact row for k-quant: the evaluation's metrics say it
+
+
+def test_create_sweep_writes_all_or_nothing(store: Store, db_url: str) -> None:
+    with pytest.raises(StoreError) as info:
+        create(store, stages=[*STAGES, STAGES[1]])  # duplicate stage key
+    assert "\n" not in str(info.value)
+    bad_point = [s for s in STAGES if s["key"] != "k-eval1"]  # a point's eval_key is missing
+    with pytest.raises(StoreError):
+        create(store, stages=bad_point)
+    assert store.list_sweeps() == [] and store.latest_sweep_id() is None
+    for table in ("sweeps", "stages", "points"):
+        assert count(db_url, table) == 0
+    create(store)  # the same id works once the failed attempts left nothing behind
+    with pytest.raises(StoreError):
+        create(store)  # but only once
+
+
+def test_nodes_upsert(store: Store) -> None:
+    store.upsert_node("node-a", "cpu-xeon", "europe-north1", "host-a", {"cpu": "Xeon"})
+    first = store.nodes()[0]
+    store.upsert_node("node-a", "cpu-xeon", "europe-north1", "host-a", {"cpu": "Xeon", "cores": 2})
+    store.upsert_node("node-b", "gpu-a100", "us-east1", None, {})
+    a, b = store.nodes()
+    assert (b.node_id, b.node_type) == ("node-b", "gpu-a100")
+    assert a.hardware == {"cpu": "Xeon", "cores": 2}
+    assert a.first_seen == first.first_seen and a.last_seen >= first.last_seen
+
+
+def test_list_sweeps_newest_first(store: Store) -> None:
+    for i in range(3):
+        create(store, f"sw-00000000000{i}")
+    assert [s.id for s in store.list_sweeps()] == ["sw-000000000002", "sw-000000000001", "sw-000000000000"]
+    assert [s.id for s in store.list_sweeps(limit=1)] == ["sw-000000000002"]
+    assert store.latest_sweep_id() == "sw-000000000002"
+
+
+def test_concurrent_sqlite_writers_do_not_lock(tmp_path: Path) -> None:
+    """Four writers, each with its own engine (as separate processes would have), race
+    to create the schema on an empty file and then write at once."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    writers, results_each = 4, 15
+    barrier = threading.Barrier(writers)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            barrier.wait()
+            with Store.open(url) as store:
+                sid = f"sw-00000000000{n}"
+                create(store, sid)
+                store.set_sweep_status(sid, "running")
+                for i in range(results_each):
+                    store.mark_stage_running(sid, "k-eval1", f"node-{n}")
+                    store.record_stage_result(sid, eval_result("k-eval1", [0.5 + i / 100] * 3))
+                    store.upsert_node(f"node-{n}", "cpu", "eu", None, {"i": i})
+                    store.results(sid)
+                store.set_sweep_status(sid, "succeeded")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with Store.open(url) as store:
+        assert len(store.list_sweeps()) == writers
+        for n in range(writers):
+            assert store.stages(f"sw-00000000000{n}")[4].attempts == results_each
+            assert len(store.measurements(f"sw-00000000000{n}")) == 3
+    assert count(url, "nodes") == writers

@@ -1,0 +1,74 @@
+"""StageWorker: the Ray actor that runs stages on one node slot.
+
+One actor per node slot runs one stage at a time, so an ``evaluate`` stage never shares
+its node's cores with another stage (timings would lie otherwise). The actor never
+writes to the store: it returns a :class:`~workers.types.StageResult` and the
+coordinator persists it. Any exception inside a stage becomes a ``failed`` result with a
+one-line error and the traceback; the actor itself stays alive for the next stage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any, Mapping
+
+from workers.types import StageResult, StageTask, WorkerEnv
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+class StageWorker:
+    """Runs stage runners registered in :mod:`workers.stages.registry`.
+
+    Created by the coordinator with ``ray.remote(StageWorker).options(...)``, pinned to
+    its node with ``NodeAffinitySchedulingStrategy(node_id, soft=False)``.
+    """
+
+    def __init__(self, node_id: str, labels: Mapping[str, str], num_threads: int, device: str = "cpu") -> None:
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.env = WorkerEnv(device=device, num_threads=max(1, num_threads), node_id=node_id, labels=dict(labels))
+        self._hardware: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Hardware facts of this node, read on the node itself."""
+        if self._hardware is None:
+            from workers.hardware import describe_node
+
+            self._hardware = {**describe_node(), "pid": os.getpid()}
+        return self._hardware
+
+    def run(self, task: StageTask) -> StageResult:
+        from workers.stages.registry import get_kind
+
+        start = time.perf_counter()
+        try:
+            runner = get_kind(task.kind).load_runner()
+            out = runner(task, self.env)
+        except Exception as e:  # noqa: BLE001 - every stage error is reported, not raised
+            return StageResult(
+                key=task.key,
+                kind=task.kind,
+                status="failed",
+                duration_s=time.perf_counter() - start,
+                node_id=self.env.node_id,
+                error=one_line(e),
+                traceback=traceback.format_exc(),
+            )
+        return StageResult(
+            key=task.key,
+            kind=task.kind,
+            status="succeeded",
+            duration_s=time.perf_counter() - start,
+            node_id=self.env.node_id,
+            metrics=dict(out.metrics),
+            artifact=out.artifact,
+            repeats=tuple(out.repeats),
+            energy=out.energy,
+        )
