@@ -88,29 +88,41 @@ def plan(spec_path: Path, as_json: bool) -> None:
 
 
 class LineProgress:
-    """Plain progress lines (one per event), fit for terminals, pipes and CI logs."""
+    """Plain progress lines (one per event), fit for terminals, pipes and CI logs.
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    Each stage is named by its chain, e.g. ``evaluate(local) of prune(...) > quantize(...)``,
+    so a line says which sweep point it belongs to.
+    """
 
-    def _w(self, msg: str) -> None:
-        click.echo(msg)
+    def __init__(self, plan) -> None:
+        self.names: dict[str, str] = {}
+        for st in plan.stages:  # parents come first
+            parent = self.names.get(st.parent_key, "") if st.parent_key else ""
+            if st.kind == "train":
+                self.names[st.key] = ""  # the baseline: chains are named from the first compression
+            elif st.kind == "evaluate":
+                self.names[st.key] = f"{st.label} of {parent or 'the baseline'}"
+            else:
+                self.names[st.key] = f"{parent} > {st.label}" if parent else st.label
+
+    def _name(self, stage) -> str:
+        return self.names.get(stage.key) or stage.label
 
     def stage_started(self, stage, node) -> None:
-        self._w(f"        start   {stage.label:<55} on {node.node_type} ({node.node_id[:8]})")
+        click.echo(f"           start   {self._name(stage)}  [on {node.node_type} {node.node_id[:8]}]")
 
     def stage_finished(self, stage, result, done: int, total: int) -> None:
         if result.status == "succeeded":
             extra = _summary(stage.kind, result.metrics)
-            self._w(f"[{done:3d}/{total}] done    {stage.label:<55} {result.duration_s:7.1f}s {extra}")
+            click.echo(f"[{done:3d}/{total:3d}] done    {self._name(stage)}  {result.duration_s:.1f}s  {extra}")
         else:
-            self._w(f"[{done:3d}/{total}] FAILED  {stage.label:<55} {result.error}")
+            click.echo(f"[{done:3d}/{total:3d}] FAILED  {self._name(stage)}  {result.error}")
 
     def stage_reused(self, stage, done: int, total: int) -> None:
-        self._w(f"[{done:3d}/{total}] reused  {stage.label:<55} (artifact {stage.key[:12]} exists)")
+        click.echo(f"[{done:3d}/{total:3d}] reused  {self._name(stage)}  (artifact {stage.key[:12]} exists)")
 
     def stage_skipped(self, stage, reason: str) -> None:
-        self._w(f"        skipped {stage.label:<55} (parent failed)")
+        click.echo(f"           skipped {self._name(stage)}  (a parent stage failed)")
 
 
 def _summary(kind: str, m: dict[str, Any]) -> str:
@@ -167,7 +179,7 @@ def run(spec_path: Path, db: str | None, address: str | None, region: str | None
                    f"stages (naive {plan_.naive_stage_count}) on {len(nodes)} node(s); store "
                    f"{mask_url(_db_url(db, spec.store_url))}")
         coord = Coordinator(store=store, spec=spec, plan=plan_, sweep_id=sweep_id, artifact_root=root,
-                            pool=pool, progress=LineProgress(len(plan_.stages)))
+                            pool=pool, progress=LineProgress(plan_))
         outcome = coord.run()
     finally:
         if pool is not None:

@@ -74,7 +74,7 @@ def _table(data: list[dict[str, Any]]) -> str:
                       ("MACs", "right"), ("size", "right"), ("compression", "left")):
         t.add_column(col, justify=just)
     for d in data:
-        if d["status"] != "succeeded":
+        if d["top1"] is None:  # the evaluation did not succeed (failed, skipped, pending)
             t.add_row(str(d["point_index"]), d["point"], d["target"], "-", "-", d["status"] or "-",
                       "-", "-", "-", "-")
             continue
@@ -84,7 +84,7 @@ def _table(data: list[dict[str, Any]]) -> str:
             str(d["point_index"]), d["point"], d["target"], _pct(d["top1"]), _pct(d["top5"]),
             f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
             _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
-            "materialized" if d["materialized"] else "simulated",
+            "none" if d["point"] == "baseline" else ("materialized" if d["materialized"] else "simulated"),
         )
     console = Console(width=200, record=True, file=io.StringIO(), force_terminal=False)
     console.print(t)

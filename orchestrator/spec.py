@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import math
 import json
 import re
 import typing
@@ -83,6 +84,7 @@ class _EvaluateSection(_Strict):
     batch_size: int = EvaluateParams.model_fields["batch_size"].default
     warmup_batches: int = EvaluateParams.model_fields["warmup_batches"].default
     repeats: int = EvaluateParams.model_fields["repeats"].default
+    min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
     baseline: bool = True  # also evaluate the uncompressed model
 
     @field_validator("targets")
@@ -161,6 +163,7 @@ class EvaluateSpec:
     batch_size: int
     warmup_batches: int
     repeats: int
+    min_window_s: float
     baseline: bool
 
     def params_for(self, target: str) -> dict[str, Any]:
@@ -169,6 +172,7 @@ class EvaluateSpec:
             batch_size=self.batch_size,
             warmup_batches=self.warmup_batches,
             repeats=self.repeats,
+            min_window_s=self.min_window_s,
         ).model_dump(mode="json")
 
 
@@ -252,7 +256,7 @@ def _as_axis(value: Any) -> tuple[Any, ...]:
     return (value,)
 
 
-def _parse_stage(raw: Any, path: str) -> StageTemplate:
+def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise SpecError(
             f"{path}: a stage is a mapping with exactly one key, the stage kind "
@@ -282,6 +286,13 @@ def _parse_stage(raw: Any, path: str) -> StageTemplate:
             raise SpecError(f"{path}.{kind}.{name}: grid values repeat -- list each value once")
         axes.append((name, values))
     template = StageTemplate(kind=kind, axes=tuple(axes))
+    # Refuse a huge grid before validating its combinations (that alone could take hours).
+    combos = math.prod(len(vals) for _, vals in axes)
+    if combos > max_points:
+        raise SpecError(
+            f"{path}.{kind}: this stage alone expands to {combos} grid points, over limits.max_points={max_points} -- "
+            "shrink the grid or raise limits.max_points"
+        )
     # Validate every value on its own axis first so the error names the exact element.
     for i, (name, values) in enumerate(axes):
         for j, v in enumerate(values):
@@ -417,7 +428,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     pipelines = tuple(
         PipelineSpec(
             name=p.name,
-            stages=tuple(_parse_stage(s, f"pipelines[{i}].stages[{j}]") for j, s in enumerate(p.stages)),
+            stages=tuple(_parse_stage(s, f"pipelines[{i}].stages[{j}]", f.limits.max_points) for j, s in enumerate(p.stages)),
         )
         for i, p in enumerate(f.pipelines)
     )
@@ -425,7 +436,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     try:
         for t in f.evaluate.targets:
             EvaluateParams(target=t, batch_size=f.evaluate.batch_size,
-                           warmup_batches=f.evaluate.warmup_batches, repeats=f.evaluate.repeats)
+                           warmup_batches=f.evaluate.warmup_batches, repeats=f.evaluate.repeats,
+                           min_window_s=f.evaluate.min_window_s)
     except ValidationError as e:
         raise _pydantic_error(e, prefix="evaluate") from None
 
@@ -441,6 +453,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             batch_size=f.evaluate.batch_size,
             warmup_batches=f.evaluate.warmup_batches,
             repeats=f.evaluate.repeats,
+            min_window_s=f.evaluate.min_window_s,
             baseline=f.evaluate.baseline,
         ),
         store_url=f.store,

@@ -1,0 +1,95 @@
+"""Facts about the node a stage ran on, read from the node itself.
+
+The cluster file says what a node type *should* be; these facts say what it *was*, and
+every stage result carries them, so a cross-hardware comparison can be checked against
+the machine that produced it. Collecting them must never fail a stage: a fact that
+cannot be read is ``None``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+from typing import Any, Callable, TypeVar
+
+_T = TypeVar("_T")
+
+
+def describe_node() -> dict[str, Any]:
+    """Return a JSON-able description of this node; quick, and never raises.
+
+    Keys: ``hostname``, ``cpu_model``, ``cpu_count_logical``, ``memory_total_bytes``,
+    ``os``, ``machine`` (architecture), ``python``, ``torch``, ``timm``, ``cuda`` (the
+    CUDA version torch was built with) and ``gpus``: a list of ``{"index", "name",
+    "memory_total_bytes"}``, empty when CUDA is unavailable. Any fact that cannot be
+    read is ``None``.
+    """
+    return {
+        "hostname": _fact(socket.gethostname),
+        "cpu_model": _fact(_cpu_model),
+        "cpu_count_logical": _fact(os.cpu_count),
+        "memory_total_bytes": _fact(_memory_total_bytes),
+        "os": _fact(platform.platform),
+        "machine": _fact(platform.machine),
+        "python": _fact(platform.python_version),
+        "torch": _fact(lambda: importlib.metadata.version("torch")),
+        "timm": _fact(lambda: importlib.metadata.version("timm")),
+        "cuda": _fact(_cuda_version),
+        "gpus": _fact(_gpus),
+    }
+
+
+def _fact(read: Callable[[], _T]) -> _T | None:
+    """``read()``, or None when it fails or yields nothing.
+
+    The broad catch is the point: a missing or odd fact (no /proc, no driver, a broken
+    CUDA install) must cost only that fact, never the stage.
+    """
+    try:
+        value = read()
+    except Exception:
+        return None
+    return value if value not in ("", None) else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_total_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cuda_version() -> str | None:
+    import torch
+
+    return torch.version.cuda
+
+
+def _gpus() -> list[dict[str, Any]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append({"index": index, "name": props.name, "memory_total_bytes": int(props.total_memory)})
+    return gpus
