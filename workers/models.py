@@ -327,6 +327,30 @@ class ParentModel:
     size_bytes: int  # on-disk bytes of the weights
 
 
+def save_child(
+    model: nn.Module,
+    task: StageTask,
+    parent: ParentModel,
+    params: Mapping[str, Any],
+    *,
+    materialized: bool,
+    extra: dict[str, Any] | None = None,
+) -> ArtifactInfo:
+    """Save the model a compression stage made from *parent* as artifact ``task.key``,
+    its compression chain extended by this stage (``{"kind": task.kind, **params}``)."""
+    return save_artifact(
+        model,
+        root=task.artifact_root,
+        key=task.key,
+        model_ref=task.model,
+        num_classes=parent.num_classes,
+        input_shape=parent.input_shape,
+        materialized=materialized,
+        compression={"chain": [*parent.chain, {"kind": task.kind, **params}]},
+        extra=extra,
+    )
+
+
 def load_parent(task: StageTask) -> ParentModel:
     """The parent artifact ``task.parent_key``, or for a root stage ``task.model`` built afresh.
 

@@ -51,7 +51,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     and for ``heads`` also ``heads_before``/``heads_after`` (summed over modules). The
     energy is that of the pruning itself, not of loading or saving.
     """
-    from workers.models import count_macs, count_params, load_parent, save_artifact
+    from workers.models import count_macs, count_params, load_parent, save_child
 
     params = PruneParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)
@@ -71,16 +71,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
         after = {"params_after": count_params(model), "macs_after": count_macs(model, input_shape)}
         metrics = {**before, **after, **mode_metrics}
 
-    artifact = save_artifact(
-        model,
-        root=task.artifact_root,
-        key=task.key,
-        model_ref=task.model,
-        num_classes=parent.num_classes,
-        input_shape=input_shape,
-        materialized=params.method == "structured",
-        compression={"chain": [*parent.chain, {"kind": "prune", **params.model_dump()}]},
-    )
+    artifact = save_child(model, task, parent, params.model_dump(), materialized=params.method == "structured")
     return StageOutput(metrics=metrics, artifact=artifact, energy=energy)
 
 

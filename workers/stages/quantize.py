@@ -57,7 +57,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     """
     from optimum.quanto import freeze, quantize
 
-    from workers.models import load_parent, save_artifact
+    from workers.models import load_parent, save_child
 
     params = QuantizeParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)
@@ -77,15 +77,9 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
 
     kernels = kernel_report(model, parent.input_shape, env.device)
     model.to("cpu")
-    artifact = save_artifact(
-        model,
-        root=task.artifact_root,
-        key=task.key,
-        model_ref=task.model,
-        num_classes=parent.num_classes,
-        input_shape=parent.input_shape,
+    artifact = save_child(
+        model, task, parent, params.model_dump(),
         materialized=True,  # the weights are stored in low-bit form
-        compression={"chain": [*parent.chain, {"kind": "quantize", **params.model_dump()}]},
         extra={"kernels": kernels, "float_modules": float_modules},
     )
     return StageOutput(
