@@ -32,10 +32,18 @@ def _db_url(db: str | None, spec_store: str | None = None) -> str:
     return db or spec_store or default_db_url()
 
 
-def _open_store(db: str | None, spec_store: str | None = None):
-    from orchestrator.store import Store
+def _open_store(db: str | None, spec_store: str | None = None, *, must_exist: bool = False):
+    """Open the store; read-only commands (*must_exist*) refuse to create a new SQLite
+    file, so a mistyped --db is an error rather than an empty store."""
+    from orchestrator.store import Store, sqlite_file
 
-    return Store.open(_db_url(db, spec_store))
+    url = _db_url(db, spec_store)
+    path = sqlite_file(url)
+    if must_exist and path is not None and not path.exists():
+        raise UsageError(
+            f"no store at {path} -- run a sweep first (greensweep run SPEC) or point --db at an existing store"
+        )
+    return Store.open(url)
 
 
 db_option = click.option(
@@ -214,7 +222,7 @@ def _resolve_sweep(store, sweep_id: str | None) -> str:
 @db_option
 def status(sweep_id: str | None, db: str | None) -> None:
     """Show recent sweeps, or one sweep's stages."""
-    store = _open_store(db)
+    store = _open_store(db, must_exist=True)
     if sweep_id is None:
         sweeps = store.list_sweeps()
         if not sweeps:
@@ -245,7 +253,7 @@ def results(sweep_id: str | None, db: str | None, fmt: str) -> None:
     """Per-point results of SWEEP (default: the latest sweep)."""
     from orchestrator.report import render_results
 
-    store = _open_store(db)
+    store = _open_store(db, must_exist=True)
     sweep_id = _resolve_sweep(store, sweep_id)
     click.echo(render_results(store.results(sweep_id), fmt))
 

@@ -33,13 +33,14 @@ if TYPE_CHECKING:
     from orchestrator.store.migrations import current, head, upgrade
     from orchestrator.store.models import STAGE_STATUSES, SWEEP_STATUSES
     from orchestrator.store.repository import Store, stage_label
-    from orchestrator.store.session import create_engine_for, default_db_url
+    from orchestrator.store.session import create_engine_for, default_db_url, sqlite_file
 
 _LAZY = {
     "Store": "orchestrator.store.repository",
     "stage_label": "orchestrator.store.repository",
     "create_engine_for": "orchestrator.store.session",
     "default_db_url": "orchestrator.store.session",
+    "sqlite_file": "orchestrator.store.session",
     "upgrade": "orchestrator.store.migrations",
     "current": "orchestrator.store.migrations",
     "head": "orchestrator.store.migrations",
@@ -62,6 +63,7 @@ __all__ = [
     "current",
     "default_db_url",
     "head",
+    "sqlite_file",
     "stage_label",
     "upgrade",
 ]

@@ -71,6 +71,15 @@ def _parse(url: str) -> URL:
     return parsed
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite *url*; None for other backends and in-memory stores."""
+    parsed = _parse(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
 def create_engine_for(url: str) -> Engine:
     """An engine for *url*, configured for the store and checked by one connection.
 

@@ -1,0 +1,82 @@
+"""The CLI's contract with users: --help everywhere, one-line errors, exit codes, no
+side effects from read-only commands, and no secrets in output."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cli import main
+
+COMMANDS = [[], ["run"], ["plan"], ["status"], ["results"], ["db"], ["db", "upgrade"], ["db", "current"]]
+
+
+def _call(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "greensweep")
+def test_every_command_has_help(cmd, capsys):
+    code, out, err = _call([*cmd, "--help"], capsys)
+    assert code == 0 and out.startswith("Usage: greensweep") and err == ""
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["run"], "Missing argument 'SPEC'"),
+        (["results", "--format", "xml"], "'xml' is not one of"),
+        (["plan", "does-not-exist.yaml"], "spec file not found"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(argv, expect, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _call(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
+    assert "Traceback" not in err
+
+
+def test_read_commands_do_not_create_a_store(capsys, tmp_path):
+    db = tmp_path / "typo.db"
+    for argv in (["status", "--db", f"sqlite:///{db}"], ["results", "--db", f"sqlite:///{db}"]):
+        code, _, err = _call(argv, capsys)
+        assert code == 2 and f"no store at {db}" in err
+    assert not db.exists()
+
+
+def test_unknown_sweep_is_a_usage_error(capsys, tmp_path):
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert _call(["db", "upgrade", "--db", db], capsys)[0] == 0
+    code, _, err = _call(["results", "sw-missing", "--db", db], capsys)
+    assert code == 2 and "no sweep 'sw-missing'" in err
+    code, out, _ = _call(["status", "--db", db], capsys)
+    assert code == 0 and "no sweeps yet" in out
+
+
+def test_db_current_and_upgrade(capsys, tmp_path):
+    from orchestrator.store import head
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    code, out, _ = _call(["db", "upgrade", "--db", db], capsys)
+    assert code == 0 and out.strip().endswith(f"empty -> {head()}")
+    code, out, _ = _call(["db", "current", "--db", db], capsys)
+    assert code == 0 and f"{head()} (up to date)" in out
+
+
+def test_unreachable_store_masks_the_password(capsys):
+    code, out, err = _call(["status", "--db", "postgresql://alice:s3cret-pw@127.0.0.1:1/x"], capsys)
+    assert code == 3
+    assert "s3cret-pw" not in err + out and "alice:***@" in err
+    assert err.count("\n") == 1
+
+
+def test_env_db_url_is_used(capsys, tmp_path, monkeypatch):
+    db = tmp_path / "env.db"
+    monkeypatch.setenv("GREENSWEEP_DB_URL", f"sqlite:///{db}")
+    code, out, _ = _call(["db", "upgrade"], capsys)
+    assert code == 0 and db.exists()
