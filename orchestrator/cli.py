@@ -132,12 +132,31 @@ class LineProgress:
     def stage_skipped(self, stage, reason: str) -> None:
         click.echo(f"           skipped {self._name(stage)}  (a parent stage failed)")
 
+    def stage_progress(self, stage, report: dict[str, Any]) -> None:
+        click.echo(f"           ...     {self._name(stage)}  {_progress_text(report)}")
+
+    def warning(self, message: str) -> None:
+        click.echo(f"warning: {message}")
+
+
+def _progress_text(report: dict[str, Any]) -> str:
+    """One progress report (e.g. a training epoch) as a short phrase."""
+    parts = []
+    if "epoch" in report:
+        total = report.get("epochs")
+        parts.append(f"epoch {report['epoch']}" + (f"/{total}" if total else ""))
+    for key, fmt in (("train_loss", "loss {:.3f}"), ("val_top1", "val top1 {:.1%}"), ("epoch_s", "{:.1f}s")):
+        if report.get(key) is not None:
+            parts.append(fmt.format(report[key]))
+    return "  ".join(parts) or str(report)
+
 
 def _summary(kind: str, m: dict[str, Any]) -> str:
     if kind == "evaluate" and m.get("top1") is not None:
         return f"top1 {100 * m['top1']:.1f}%  {1e3 * m.get('time_per_sample_s', 0):.3f} ms/sample"
-    if kind == "train" and m.get("best_val_top1") is not None:
-        return f"best val top1 {100 * m['best_val_top1']:.1f}% (epoch {m.get('best_epoch')})"
+    if m.get("best_val_top1") is not None:
+        before = f"{100 * m['initial_val_top1']:.1f}% -> " if m.get("initial_val_top1") is not None else ""
+        return f"val top1 {before}{100 * m['best_val_top1']:.1f}% (best epoch {m.get('best_epoch')})"
     if "params_after" in m:
         return f"params {m['params_before']:,} -> {m['params_after']:,}"
     if "sparsity" in m:
@@ -145,12 +164,41 @@ def _summary(kind: str, m: dict[str, Any]) -> str:
     return ""
 
 
+def _carbon_provider(spec):
+    """The spec's carbon provider (data and credentials read now), or None without a
+    ``carbon:`` section."""
+    if spec.carbon is None:
+        return None
+    from orchestrator.carbon import make_provider
+
+    return make_provider(spec.carbon)
+
+
+def _check_node_regions(provider, nodes) -> None:
+    """Every node's region must have intensity data (or an explicit fallback) before
+    any work starts; nodes served by the fallback are named."""
+    from orchestrator.carbon import check_regions
+    from orchestrator.cluster import REGION_LABEL
+    from orchestrator.errors import ClusterError
+
+    for n in nodes:
+        if not n.region:
+            raise ClusterError(
+                f"node {n.node_id[:12]} ({n.node_type}) has no {REGION_LABEL} label, so its carbon cannot be "
+                f"accounted -- start it with the label, or remove the spec's carbon section"
+            )
+    for r in check_regions(provider, sorted({n.region for n in nodes})):
+        click.echo(f"warning: region {r!r} has no intensity data; carbon uses the spec's fallback (labelled)")
+
+
 @cli.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @db_option
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster address (e.g. ray://head:10001 or auto). Default: start a local Ray on 127.0.0.1.")
-@click.option("--region", default=None, help="Carbon region label for the local node (embedded default only).")
+@click.option("--region", default="local", show_default=True,
+              help="Region label of the local node (embedded default only); map it to a carbon region "
+                   "with the spec's carbon.regions, e.g. {local: FR}.")
 def run(spec_path: Path, db: str | None, address: str | None, region: str | None) -> None:
     """Run the sweep in SPEC and print its results."""
     from orchestrator import cluster
@@ -161,12 +209,15 @@ def run(spec_path: Path, db: str | None, address: str | None, region: str | None
 
     spec = load_spec(spec_path)
     plan_ = build_plan(spec)
+    carbon = _carbon_provider(spec)
     store = _open_store(db, spec.store_url)
     cluster.connect(address, region=region)
     pool = None
     try:
         nodes = cluster.discover_nodes()
         cluster.require_targets(nodes, spec.evaluate.targets)
+        if carbon is not None:
+            _check_node_regions(carbon, nodes)
         pool = WorkerPool(nodes)
         for node_id, facts in pool.hardware().items():
             node = next(n for n in nodes if n.node_id == node_id)
@@ -187,7 +238,7 @@ def run(spec_path: Path, db: str | None, address: str | None, region: str | None
                    f"stages (naive {plan_.naive_stage_count}) on {len(nodes)} node(s); store "
                    f"{mask_url(_db_url(db, spec.store_url))}")
         coord = Coordinator(store=store, spec=spec, plan=plan_, sweep_id=sweep_id, artifact_root=root,
-                            pool=pool, progress=LineProgress(plan_))
+                            pool=pool, progress=LineProgress(plan_), carbon=carbon)
         outcome = coord.run()
     finally:
         if pool is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from orchestrator.cluster import NodeInfo
@@ -22,6 +23,8 @@ from workers.stages.registry import get_kind
 from workers.types import ArtifactInfo, DatasetRef, ModelRef, StageResult, StageTask
 
 WAIT_TICK_S = 1.0
+PROGRESS_POLL_S = 5.0  # how often running stages' progress reports are drained
+PROGRESS_TIMEOUT_S = 30.0
 
 
 class Progress(Protocol):
@@ -31,6 +34,8 @@ class Progress(Protocol):
     def stage_finished(self, stage: PlannedStage, result: StageResult, done: int, total: int) -> None: ...
     def stage_reused(self, stage: PlannedStage, done: int, total: int) -> None: ...
     def stage_skipped(self, stage: PlannedStage, reason: str) -> None: ...
+    def stage_progress(self, stage: PlannedStage, report: dict[str, Any]) -> None: ...
+    def warning(self, message: str) -> None: ...
 
 
 @dataclass
@@ -83,6 +88,7 @@ class WorkerPool:
             cpus = max(1, node.num_cpus)
             actor = remote_cls.options(
                 num_cpus=cpus,
+                max_concurrency=2,  # run() and progress() at once
                 num_gpus=min(node.num_gpus, 1),
                 max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
@@ -104,12 +110,15 @@ class WorkerPool:
 
 class Coordinator:
     def __init__(self, *, store: Any, spec: SweepSpec, plan: Plan, sweep_id: str, artifact_root: str,
-                 pool: WorkerPool, progress: Progress) -> None:
+                 pool: WorkerPool, progress: Progress, carbon: Any = None) -> None:
+        """*carbon* is an ``orchestrator.carbon.IntensityProvider`` (None: no carbon
+        accounting); its regions were checked against the nodes' before work started."""
         self.store, self.spec, self.plan = store, spec, plan
         self.sweep_id, self.artifact_root = sweep_id, artifact_root
-        self.pool, self.progress = pool, progress
+        self.pool, self.progress, self.carbon = pool, progress, carbon
         self.status: dict[str, str] = {s.key: "pending" for s in plan.stages}
-        self.in_flight: dict[Any, tuple[PlannedStage, Slot]] = {}
+        self.in_flight: dict[Any, tuple[PlannedStage, Slot, datetime]] = {}
+        self._last_progress_poll = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -164,14 +173,15 @@ class Coordinator:
             slot.busy_key = stage.key
             self.store.mark_stage_running(self.sweep_id, stage.key, slot.node.node_id)
             ref = slot.handle.run.remote(task_for(self.spec, self.sweep_id, stage, self.artifact_root))
-            self.in_flight[ref] = (stage, slot)
+            self.in_flight[ref] = (stage, slot, datetime.now(timezone.utc))
             self.progress.stage_started(stage, slot.node)
 
         if not self.in_flight:
             return
         ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=WAIT_TICK_S)
+        self._drain_progress(force=bool(ready))
         for ref in ready:
-            stage, slot = self.in_flight.pop(ref)
+            stage, slot, started = self.in_flight.pop(ref)
             slot.busy_key = None
             try:
                 result: StageResult = ray.get(ref)
@@ -184,10 +194,51 @@ class Coordinator:
                 )
                 self.pool.slots.remove(slot)
             self.store.record_stage_result(self.sweep_id, result)
+            if result.status == "succeeded":
+                self._account_carbon(stage, slot.node, started, datetime.now(timezone.utc))
             self.status[stage.key] = result.status
             self.progress.stage_finished(stage, result, self._done_count(), len(self.status))
             if result.status == "failed":
                 self._skip_descendants(stage.key, f"parent stage {stage.label} ({stage.key}) failed: {result.error}")
+
+    def _account_carbon(self, stage: PlannedStage, node: NodeInfo, start: datetime, end: datetime) -> None:
+        """Carbon of a finished stage: its energy x its node region's intensity during
+        the stage's run. A provider failure loses the carbon figure, not the result."""
+        if self.carbon is None:
+            return
+        from orchestrator.carbon import CarbonDataError, CarbonProviderError
+
+        try:
+            figure = self.carbon.intensity(node.region or "", start, end)
+        except (CarbonDataError, CarbonProviderError) as e:
+            self.progress.warning(f"no carbon figure for {stage.label} ({stage.key[:12]}): {e}")
+            return
+        self.store.record_carbon(self.sweep_id, stage.key, figure)
+
+    def _drain_progress(self, *, force: bool = False) -> None:
+        """Persist what running stages reported (e.g. epochs), every PROGRESS_POLL_S."""
+        import ray
+
+        now = time.monotonic()
+        if not force and now - self._last_progress_poll < PROGRESS_POLL_S:
+            return
+        self._last_progress_poll = now
+        busy = [s for s in self.pool.slots if s.busy_key is not None]
+        if not busy:
+            return
+        refs = [s.handle.progress.remote() for s in busy]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
+        for ref in ready:
+            try:
+                reports = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue  # a dead worker is handled where its stage result is collected
+            by_key: dict[str, list[dict[str, Any]]] = {}
+            for key, entry in reports:
+                by_key.setdefault(key, []).append(entry)
+            for key, entries in by_key.items():
+                self.store.record_progress(self.sweep_id, key, entries)
+                self.progress.stage_progress(self.plan.stage(key), entries[-1])
 
     def _unrunnable(self) -> bool:
         """True when stages are pending but no slot can ever take them."""

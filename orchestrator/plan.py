@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from orchestrator.errors import SpecError
 from orchestrator.spec import SweepSpec
 
 KEY_HEX_CHARS = 24  # 96 bits: collisions are not a practical concern for sweeps
@@ -119,6 +120,30 @@ def _label(kind: str, written: Mapping[str, Any]) -> str:
     return f"{kind}({inner})"
 
 
+def _resolve_teacher(spec: SweepSpec, params: dict[str, Any], train_key: str | None, label: str) -> dict[str, Any]:
+    """Stages that learn from a teacher name it as ``baseline`` (the sweep's unpruned
+    model), ``artifact:<key>`` or ``checkpoint:<path>``; workers get only the last two.
+    Returns the key material: the params plus the teacher file's digest."""
+    teacher = params.get("teacher")
+    if teacher is None:
+        return params
+    if teacher == "baseline":
+        if train_key is not None:
+            params["teacher"] = f"artifact:{train_key}"
+        elif spec.model.checkpoint is not None:
+            params["teacher"] = f"checkpoint:{spec.model.checkpoint}"
+        else:
+            raise SpecError(
+                f"{label}: teacher 'baseline' needs the sweep's baseline model -- add a 'train:' section "
+                "(e.g. fine-tune the pretrained model) or name a teacher: 'checkpoint:<file>' or 'artifact:<key>'"
+            )
+    if params["teacher"].startswith("checkpoint:"):
+        path = params["teacher"].removeprefix("checkpoint:")
+        digest = spec.file_sha256.get(path) or spec.checkpoint_sha256
+        return {**params, "teacher_sha256": digest}
+    return params
+
+
 def build_plan(spec: SweepSpec) -> Plan:
     """Expand the spec's grids into a deduplicated DAG. Pure: no I/O, no Ray."""
     rkey = root_key(spec)
@@ -131,10 +156,12 @@ def build_plan(spec: SweepSpec) -> Plan:
 
     # The chain's root: the baseline train, or none (first stage builds from the checkpoint).
     base_chain: list[PlannedStage] = []
+    train_key: str | None = None
     if spec.train is not None:
         train = PlannedStage(stage_key(rkey, "train", spec.train), "train", dict(spec.train), None, "train")
         add(train)
         base_chain.append(train)
+        train_key = train.key
 
     chains: list[tuple[str, list[PlannedStage]]] = []
     if spec.evaluate.baseline:
@@ -146,9 +173,11 @@ def build_plan(spec: SweepSpec) -> Plan:
             for chain in partial:
                 parent = chain[-1].key if chain else rkey
                 for written, full in template.combinations():
+                    label = _label(template.kind, written)
+                    key_material = _resolve_teacher(spec, full, train_key, f"pipeline {pipeline.name}: {label}")
                     st = PlannedStage(
-                        stage_key(parent, template.kind, full), template.kind, full,
-                        chain[-1].key if chain else None, _label(template.kind, written),
+                        stage_key(parent, template.kind, key_material), template.kind, full,
+                        chain[-1].key if chain else None, label,
                     )
                     add(st)
                     grown.append(chain + [stages[st.key]])

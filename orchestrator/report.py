@@ -17,6 +17,10 @@ RESULT_FIELDS: tuple[str, ...] = (
     "sweep_id", "point_index", "point", "pipeline", "stages", "target", "status",
     "top1", "top1_std", "top5", "time_per_sample_s", "time_per_sample_s_std",
     "throughput_samples_per_s", "repeats", "params", "macs", "size_bytes", "materialized",
+    "energy_per_sample_j", "energy_per_sample_j_std", "net_energy_per_sample_j",
+    "gpu_energy_per_sample_j", "cpu_energy_per_sample_j", "dram_energy_per_sample_j",
+    "energy_source", "idle_power_w", "carbon_g_per_sample", "intensity_g_per_kwh",
+    "intensity_source", "intensity_kind",
 )
 
 
@@ -26,6 +30,11 @@ def result_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
         d = asdict(r) if is_dataclass(r) else dict(r)
         out.append({k: d.get(k) for k in RESULT_FIELDS})
     return out
+
+
+def _pairs(mapping: dict[str, Any] | None) -> str:
+    """A per-domain dict as one CSV cell: ``cpu=estimate-tdp;gpu=nvml-counter``."""
+    return ";".join(f"{k}={v}" for k, v in sorted((mapping or {}).items()))
 
 
 def _fmt_count(n: int | None) -> str:
@@ -59,9 +68,23 @@ def render_results(rows: Iterable[Any], fmt: str) -> str:
         w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS), lineterminator="\n")
         w.writeheader()
         for d in data:
-            w.writerow({**d, "stages": " > ".join(d["stages"] or [])})
+            w.writerow({**d, "stages": " > ".join(d["stages"] or []),
+                        "energy_source": _pairs(d["energy_source"]), "idle_power_w": _pairs(d["idle_power_w"])})
         return buf.getvalue().rstrip("\n")
     return _table(data)
+
+
+# Short names for energy sources in the table; the JSON/CSV carry the full names.
+_SOURCE_MARK = {"nvml-counter": "nvml", "nvml-power": "nvml~", "rapl": "rapl", "estimate-tdp": "est", "none": "-"}
+
+
+def _energy_cell(d: dict[str, Any]) -> str:
+    e = d["energy_per_sample_j"]
+    if e is None:
+        return "-"
+    marks = ",".join(f"{dom}:{_SOURCE_MARK.get(src, src)}" for dom, src in sorted((d["energy_source"] or {}).items())
+                     if src != "none")
+    return f"{1e3 * e:.3f} ({marks})"
 
 
 def _table(data: list[dict[str, Any]]) -> str:
@@ -69,23 +92,34 @@ def _table(data: list[dict[str, Any]]) -> str:
     from rich.table import Table
 
     t = Table(show_lines=False, header_style="bold")
-    for col, just in (("#", "right"), ("point", "left"), ("target", "left"), ("top1 %", "right"),
-                      ("top5 %", "right"), ("ms/sample (± std)", "right"), ("params", "right"),
-                      ("MACs", "right"), ("size", "right"), ("compression", "left")):
+    columns = (("#", "right"), ("point", "left"), ("target", "left"), ("top1 %", "right"), ("top5 %", "right"),
+               ("ms/sample (± std)", "right"), ("mJ/sample (source)", "right"), ("mg CO2/sample", "right"),
+               ("params", "right"), ("MACs", "right"), ("size", "right"), ("compression", "left"))
+    for col, just in columns:
         t.add_column(col, justify=just)
+    fallback = False
     for d in data:
         if d["top1"] is None:  # the evaluation did not succeed (failed, skipped, pending)
             t.add_row(str(d["point_index"]), d["point"], d["target"], "-", "-", d["status"] or "-",
-                      "-", "-", "-", "-")
+                      *["-"] * (len(columns) - 6))
             continue
         tps = d["time_per_sample_s"]
         std = d["time_per_sample_s_std"] or 0.0
+        carbon = d["carbon_g_per_sample"]
+        fallback |= "fallback" in (d["intensity_source"] or "")
         t.add_row(
             str(d["point_index"]), d["point"], d["target"], _pct(d["top1"]), _pct(d["top5"]),
             f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
+            _energy_cell(d),
+            "-" if carbon is None else f"{1e3 * carbon:.5f}",
             _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
             "none" if d["point"] == "baseline" else ("materialized" if d["materialized"] else "simulated"),
         )
-    console = Console(width=200, record=True, file=io.StringIO(), force_terminal=False)
+    console = Console(width=220, record=True, file=io.StringIO(), force_terminal=False)
     console.print(t)
-    return console.export_text().rstrip("\n")
+    notes = ["energy sources: est = estimated from TDP x CPU utilisation (no sensor), rapl / nvml = measured; "
+             "simulated = masks or fake-quant, same dense FLOPs"]
+    sources = sorted({d["intensity_source"] for d in data if d.get("intensity_source")})
+    if sources:
+        notes.append("carbon intensity: " + "; ".join(sources) + (" -- a fallback, not your grid" if fallback else ""))
+    return console.export_text().rstrip("\n") + "\n" + "\n".join(notes)

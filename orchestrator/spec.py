@@ -35,13 +35,14 @@ import math
 import json
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.carbon import CarbonConfig, CarbonDataError, parse_carbon_config
 from orchestrator.errors import SpecError
 from workers.stages.registry import PIPELINE_KINDS, EvaluateParams, TrainParams, get_kind
 
@@ -85,6 +86,7 @@ class _EvaluateSection(_Strict):
     warmup_batches: int = EvaluateParams.model_fields["warmup_batches"].default
     repeats: int = EvaluateParams.model_fields["repeats"].default
     min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
+    idle_s: float = EvaluateParams.model_fields["idle_s"].default
     baseline: bool = True  # also evaluate the uncompressed model
 
     @field_validator("targets")
@@ -108,6 +110,7 @@ class _SpecFile(_Strict):
     pipelines: list[_PipelineSection] = Field(default_factory=list)
     evaluate: _EvaluateSection = Field(default_factory=_EvaluateSection)
     store: str | None = None
+    carbon: Any = None  # validated by orchestrator.carbon.parse_carbon_config
     limits: _LimitsSection = Field(default_factory=_LimitsSection)
 
 
@@ -164,6 +167,7 @@ class EvaluateSpec:
     warmup_batches: int
     repeats: int
     min_window_s: float
+    idle_s: float
     baseline: bool
 
     def params_for(self, target: str) -> dict[str, Any]:
@@ -173,6 +177,7 @@ class EvaluateSpec:
             warmup_batches=self.warmup_batches,
             repeats=self.repeats,
             min_window_s=self.min_window_s,
+            idle_s=self.idle_s,
         ).model_dump(mode="json")
 
 
@@ -189,6 +194,10 @@ class SweepSpec:
     max_points: int
     source_text: str  # the YAML as given (stored with the sweep)
     checkpoint_sha256: str | None = None
+    carbon: CarbonConfig | None = None  # None: no carbon accounting (no section in the spec)
+    # sha256 of every file a stage parameter names ("checkpoint:<path>" teachers), so
+    # stage keys follow file content, not file names.
+    file_sha256: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def spec_hash(self) -> str:
@@ -322,6 +331,29 @@ def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
     return template
 
 
+_CHECKPOINT_PREFIX = "checkpoint:"
+
+
+def _resolve_files(template: StageTemplate, path: str, base: Path, digests: dict[str, str]) -> StageTemplate:
+    """Make every ``checkpoint:<path>`` parameter value absolute (relative to the spec's
+    directory), check the file exists, and record its sha256 in *digests*."""
+    axes = []
+    for name, values in template.axes:
+        resolved = []
+        for j, v in enumerate(values):
+            if isinstance(v, str) and v.startswith(_CHECKPOINT_PREFIX):
+                file = (base / v[len(_CHECKPOINT_PREFIX):]).resolve()
+                if not file.is_file():
+                    where = f"{path}.{template.kind}.{name}" + (f"[{j}]" if len(values) > 1 else "")
+                    raise SpecError(f"{where}: file not found: {file} -- give the path of a .safetensors or "
+                                    "weights-only .pt file, relative to the spec")
+                digests.setdefault(str(file), _sha256_file(file))
+                v = f"{_CHECKPOINT_PREFIX}{file}"
+            resolved.append(v)
+        axes.append((name, tuple(resolved)))
+    return replace(template, axes=tuple(axes))
+
+
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -400,6 +432,10 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     if check_arch:
         _check_arch(f.model.arch)
 
+    dataset_options = dict(f.dataset.options)
+    if isinstance(dataset_options.get("root"), str):
+        # Where the data will be (it need not exist to plan): relative to the spec.
+        dataset_options["root"] = str((base / dataset_options["root"]).resolve())
     dataset_path = None
     if f.dataset.path is not None:
         dp = (base / f.dataset.path).resolve()
@@ -421,6 +457,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             "add a 'train:' section (e.g. 'train: {epochs: 30}') or give model.checkpoint"
         )
 
+    digests: dict[str, str] = {}
     names = [p.name for p in f.pipelines]
     for i, n in enumerate(names):
         if names.index(n) != i:
@@ -428,7 +465,11 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     pipelines = tuple(
         PipelineSpec(
             name=p.name,
-            stages=tuple(_parse_stage(s, f"pipelines[{i}].stages[{j}]", f.limits.max_points) for j, s in enumerate(p.stages)),
+            stages=tuple(
+                _resolve_files(_parse_stage(s, f"pipelines[{i}].stages[{j}]", f.limits.max_points),
+                               f"pipelines[{i}].stages[{j}]", base, digests)
+                for j, s in enumerate(p.stages)
+            ),
         )
         for i, p in enumerate(f.pipelines)
     )
@@ -437,15 +478,23 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
         for t in f.evaluate.targets:
             EvaluateParams(target=t, batch_size=f.evaluate.batch_size,
                            warmup_batches=f.evaluate.warmup_batches, repeats=f.evaluate.repeats,
-                           min_window_s=f.evaluate.min_window_s)
+                           min_window_s=f.evaluate.min_window_s, idle_s=f.evaluate.idle_s)
     except ValidationError as e:
         raise _pydantic_error(e, prefix="evaluate") from None
+
+    carbon = None
+    if f.carbon is not None:
+        try:
+            carbon = parse_carbon_config(f.carbon, base_dir=base)
+        except CarbonDataError as e:
+            msg = str(e)
+            raise SpecError(msg if msg.startswith("carbon") else f"carbon: {msg}") from None
 
     spec = SweepSpec(
         name=f.name,
         seed=f.seed,
         model=ModelSpec(arch=f.model.arch, kwargs=dict(f.model.kwargs), checkpoint=checkpoint, pretrained=f.model.pretrained),
-        dataset=DatasetSpec(name=f.dataset.name, path=dataset_path, options=dict(f.dataset.options)),
+        dataset=DatasetSpec(name=f.dataset.name, path=dataset_path, options=dataset_options),
         train=train,
         pipelines=pipelines,
         evaluate=EvaluateSpec(
@@ -454,12 +503,15 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             warmup_batches=f.evaluate.warmup_batches,
             repeats=f.evaluate.repeats,
             min_window_s=f.evaluate.min_window_s,
+            idle_s=f.evaluate.idle_s,
             baseline=f.evaluate.baseline,
         ),
         store_url=f.store,
         max_points=f.limits.max_points,
         source_text=text,
         checkpoint_sha256=checkpoint_sha,
+        carbon=carbon,
+        file_sha256=digests,
     )
     n = count_points(spec)
     if n > spec.max_points:

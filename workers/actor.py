@@ -9,7 +9,9 @@ one-line error and the traceback; the actor itself stays alive for the next stag
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 import time
 import traceback
 from typing import Any, Mapping
@@ -26,7 +28,11 @@ class StageWorker:
     """Runs stage runners registered in :mod:`workers.stages.registry`.
 
     Created by the coordinator with ``ray.remote(StageWorker).options(...)``, pinned to
-    its node with ``NodeAffinitySchedulingStrategy(node_id, soft=False)``.
+    its node with ``NodeAffinitySchedulingStrategy(node_id, soft=False)``, and with
+    ``max_concurrency=2`` so :meth:`progress` answers while :meth:`run` works: a stage
+    reports progress (e.g. one dict per training epoch) through
+    ``env.report_progress``; the coordinator drains it with :meth:`progress` and
+    persists it.
     """
 
     def __init__(self, node_id: str, labels: Mapping[str, str], num_threads: int, device: str = "cpu") -> None:
@@ -35,6 +41,8 @@ class StageWorker:
         torch.set_num_threads(max(1, num_threads))
         self.env = WorkerEnv(device=device, num_threads=max(1, num_threads), node_id=node_id, labels=dict(labels))
         self._hardware: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._progress: list[tuple[str, dict[str, Any]]] = []
 
     def describe(self) -> dict[str, Any]:
         """Hardware facts of this node, read on the node itself."""
@@ -44,13 +52,23 @@ class StageWorker:
             self._hardware = {**describe_node(), "pid": os.getpid()}
         return self._hardware
 
+    def progress(self) -> list[tuple[str, dict[str, Any]]]:
+        """(stage key, report) pairs reported since the last call, oldest first."""
+        with self._lock:
+            out, self._progress = self._progress, []
+        return out
+
     def run(self, task: StageTask) -> StageResult:
         from workers.stages.registry import get_kind
+
+        def report(entry: Mapping[str, Any]) -> None:
+            with self._lock:
+                self._progress.append((task.key, dict(entry)))
 
         start = time.perf_counter()
         try:
             runner = get_kind(task.kind).load_runner()
-            out = runner(task, self.env)
+            out = runner(task, dataclasses.replace(self.env, report_progress=report))
         except Exception as e:  # noqa: BLE001 - every stage error is reported, not raised
             return StageResult(
                 key=task.key,

@@ -28,7 +28,7 @@ def describe_node() -> dict[str, Any]:
     """
     return {
         "hostname": _fact(socket.gethostname),
-        "cpu_model": _fact(_cpu_model),
+        "cpu_model": _fact(cpu_model),
         "cpu_count_logical": _fact(os.cpu_count),
         "memory_total_bytes": _fact(_memory_total_bytes),
         "os": _fact(platform.platform),
@@ -54,13 +54,14 @@ def _fact(read: Callable[[], _T]) -> _T | None:
     return value if value not in ("", None) else None
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (else ``platform.processor()``), or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
-                    return value.strip()
+                    return value.strip() or None
     except OSError:
         pass
     return platform.processor() or None

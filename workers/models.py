@@ -325,6 +325,7 @@ class ParentModel:
     num_classes: int
     chain: tuple[Mapping[str, Any], ...]  # compression steps so far, root first
     size_bytes: int  # on-disk bytes of the weights
+    materialized: bool = True  # the parent manifest's flag; a freshly built root model is uncompressed
 
 
 def save_child(
@@ -379,6 +380,7 @@ def load_parent(task: StageTask) -> ParentModel:
         num_classes=int(manifest["num_classes"]),
         chain=tuple(manifest.get("compression", {}).get("chain", [])),
         size_bytes=int(manifest["size_bytes"]),
+        materialized=bool(manifest["materialized"]),
     )
 
 

@@ -12,7 +12,7 @@ Units live in field names (``duration_s``, ``size_bytes``, ``gpu_energy_j``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 EnergySource = Literal["nvml-counter", "nvml-power", "rapl", "estimate-tdp", "none"]
 ENERGY_SOURCES: tuple[str, ...] = ("nvml-counter", "nvml-power", "rapl", "estimate-tdp", "none")
@@ -179,9 +179,18 @@ class StageOutput:
 @dataclass(frozen=True)
 class WorkerEnv:
     """Where a stage runs: the torch device, how many CPU threads it may use, the Ray
-    node id, and the node's labels (``greensweep/node-type``, ``greensweep/region``)."""
+    node id, and the node's labels (``greensweep/node-type``, ``greensweep/region``).
+
+    ``report_progress``, when set, receives one JSON-able dict per completed training
+    epoch while a retraining stage runs (shape documented in ``workers.training``), so
+    the coordinator can show progress before the stage returns. It is called on the
+    stage's thread after the epoch is checkpointed; an exception it raises fails the
+    stage (which then resumes from that checkpoint when run again), so a reporter that
+    must not interrupt training should catch its own errors.
+    """
 
     device: str = "cpu"
     num_threads: int = 1
     node_id: str = "local"
     labels: Mapping[str, str] = field(default_factory=dict)
+    report_progress: Callable[[dict[str, Any]], None] | None = None

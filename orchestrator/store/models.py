@@ -163,6 +163,23 @@ class StageModel(EnergyColumns, Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class StageProgressModel(Base):
+    """One progress report of a running stage (e.g. one training epoch), written as it
+    arrives so ``greensweep status`` can show a long stage's progress. Idempotent on
+    (sweep_id, stage_key, step)."""
+
+    __tablename__ = "stage_progress"
+    __table_args__ = (
+        ForeignKeyConstraint(["sweep_id", "stage_key"], ["stages.sweep_id", "stages.key"], ondelete="CASCADE"),
+    )
+
+    sweep_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    stage_key: Mapped[str] = mapped_column(String(_KEY), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)  # e.g. the epoch, from 1
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class PointModel(Base):
     """One sweep point: a compression chain evaluated on one target."""
 

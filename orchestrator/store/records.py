@@ -127,9 +127,10 @@ class ResultRow:
     Means and standard deviations are over the evaluation repeats (sample std; 0.0 for a
     single repeat). Metric fields are ``None`` unless the evaluate stage ``succeeded`` (or
     was ``reused``: its repeats then come from the sweep that measured them,
-    ``measured_in_sweep``). Energy and carbon are per sample, gross (idle power not
-    subtracted); a per-domain figure is ``None`` when that domain had no sensor, and
-    ``energy_sources`` says where each domain's figure came from. Model facts (params,
+    ``measured_in_sweep``). Energy and carbon are per sample and gross (idle power not
+    subtracted; ``net_energy_per_sample_j`` subtracts it); a per-domain figure is ``None``
+    when that domain had no sensor, and ``energy_source`` says where each domain's figure
+    came from (``estimate-tdp`` is an estimate, not a measurement). Model facts (params,
     MACs, on-disk bytes, materialized) describe the last compression stage's artifact.
     """
 
@@ -152,13 +153,18 @@ class ResultRow:
     time_per_sample_s: float | None
     time_per_sample_s_std: float | None
     throughput_samples_per_s: float | None
-    energy_j_per_sample: float | None
-    energy_j_per_sample_std: float | None
-    gpu_energy_j_per_sample: float | None
-    cpu_energy_j_per_sample: float | None
-    dram_energy_j_per_sample: float | None
-    energy_sources: dict[str, str]  # domain ("gpu", "cpu", "dram") -> source
+    energy_per_sample_j: float | None  # gross: every domain with a figure, idle included
+    energy_per_sample_j_std: float | None
+    net_energy_per_sample_j: float | None  # gross minus idle power x window, where idle was sampled
+    gpu_energy_per_sample_j: float | None
+    cpu_energy_per_sample_j: float | None
+    dram_energy_per_sample_j: float | None
+    energy_source: dict[str, str]  # domain ("gpu", "cpu", "dram") -> source
+    idle_power_w: dict[str, float]  # domain -> idle power sampled before the windows
     carbon_g_per_sample: float | None
+    intensity_g_per_kwh: float | None  # the grid intensity the carbon figure used
+    intensity_source: str | None
+    intensity_kind: str | None  # average | marginal | forecast
     params: int | None
     macs: int | None
     size_bytes: int | None

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.orm import Session
@@ -23,6 +23,7 @@ from orchestrator.store.models import (
     NodeModel,
     PointModel,
     StageModel,
+    StageProgressModel,
     SweepModel,
     utcnow,
 )
@@ -37,6 +38,9 @@ from orchestrator.store.records import (
 )
 from orchestrator.store.session import SessionScope, create_engine_for, default_db_url
 from workers.types import EnergyReading, StageResult
+
+if TYPE_CHECKING:
+    from orchestrator.carbon.base import Intensity
 
 _TERMINAL_SWEEP_STATUSES = frozenset({"succeeded", "partial", "failed", "cancelled"})
 
@@ -294,6 +298,54 @@ class Store:
                 for r in result.repeats
             ]
             _upsert(session, MeasurementModel, measurement_rows, ("sweep_id", "stage_key", "repeat"))
+
+    def record_progress(self, sweep_id: str, key: str, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Persist progress reports of a running stage (e.g. one per training epoch).
+
+        Each entry carries its ``step`` (``epoch`` is accepted as the step of a training
+        epoch); idempotent on (sweep, key, step): a report seen twice stays one row.
+        """
+        rows = []
+        for entry in entries:
+            step = entry.get("step", entry.get("epoch"))
+            if step is None:
+                raise ValueError(f"progress entry for stage {key!r} has no 'step' or 'epoch': {dict(entry)}")
+            rows.append({"sweep_id": sweep_id, "stage_key": key, "step": int(step),
+                         "metrics": json.loads(json.dumps(dict(entry), default=str)), "recorded_at": utcnow()})
+        if not rows:
+            return
+        with self._session(write=True) as session:
+            self._stage_row(session, sweep_id, key)
+            _upsert(session, StageProgressModel, rows, ("sweep_id", "stage_key", "step"))
+
+    def progress(self, sweep_id: str, key: str) -> list[dict[str, Any]]:
+        """The stage's progress reports in step order (each the dict the stage reported)."""
+        with self._session(write=False) as session:
+            rows = session.scalars(
+                select(StageProgressModel)
+                .where(StageProgressModel.sweep_id == sweep_id, StageProgressModel.stage_key == key)
+                .order_by(StageProgressModel.step)
+            )
+            return [dict(r.metrics) for r in rows]
+
+    def record_carbon(self, sweep_id: str, key: str, intensity: Intensity) -> None:
+        """Account the carbon of stage *key* and of each of its measured repeats:
+        grams = total energy (kWh) x the grid *intensity* of the node's region during the
+        stage, storing the intensity, its source and kind beside every figure. Rows
+        without an energy figure get the intensity but no grams (never a made-up 0 g)."""
+        from orchestrator.carbon.base import carbon_g
+
+        with self._session(write=True) as session:
+            stage = self._stage_row(session, sweep_id, key)
+            rows: list[EnergyColumns] = [stage, *session.scalars(
+                select(MeasurementModel).where(MeasurementModel.sweep_id == sweep_id, MeasurementModel.stage_key == key)
+            )]
+            for row in rows:
+                energy_j = _total_energy_j(row)
+                row.carbon_g = None if energy_j is None else carbon_g(energy_j, intensity)
+                row.intensity_g_per_kwh = intensity.g_co2_per_kwh
+                row.intensity_source = intensity.source
+                row.intensity_kind = intensity.kind
 
     def upsert_node(
         self,
@@ -655,6 +707,21 @@ def _total_energy_j(row: EnergyColumns) -> float | None:
     return sum(parts) if parts else None
 
 
+def _net_energy_j(row: EnergyColumns) -> float | None:
+    """Gross energy minus idle power x duration, over the domains that have both an
+    energy figure and a sampled idle power; None when no domain has both."""
+    duration_s = getattr(row, "duration_s", None)
+    if duration_s is None:
+        return None
+    parts = []
+    for domain in ("gpu", "cpu", "dram"):
+        energy_j = getattr(row, f"{domain}_energy_j")
+        idle_w = getattr(row, f"{domain}_idle_power_w")
+        if energy_j is not None and idle_w is not None:
+            parts.append(energy_j - idle_w * duration_s)
+    return sum(parts) if parts else None
+
+
 def _per_sample(measurements: Sequence[MeasurementModel], column: str) -> list[float]:
     values = [(getattr(m, column), m.samples) for m in measurements]
     return [v / n for v, n in values if v is not None and n > 0]
@@ -675,12 +742,19 @@ def _result_row(
         total / m.samples for m in measurements if (total := _total_energy_j(m)) is not None and m.samples > 0
     ]
     first = measurements[0] if measurements else None
-    sources = {}
+    sources: dict[str, str] = {}
+    idle_w: dict[str, float] = {}
     if first is not None:
         for domain in ("gpu", "cpu", "dram"):
             source = getattr(first, f"{domain}_energy_source")
             if source is not None:
                 sources[domain] = source
+            idle = getattr(first, f"{domain}_idle_power_w")
+            if idle is not None:
+                idle_w[domain] = idle
+    net_per_sample = [
+        net / m.samples for m in measurements if (net := _net_energy_j(m)) is not None and m.samples > 0
+    ]
     facts: Mapping[str, Any] = (
         {
             "params": artifact.params,
@@ -711,13 +785,18 @@ def _result_row(
         time_per_sample_s=_mean(time_per_sample),
         time_per_sample_s_std=_std(time_per_sample),
         throughput_samples_per_s=_mean([m.throughput_samples_per_s for m in measurements]),
-        energy_j_per_sample=_mean(energy_per_sample),
-        energy_j_per_sample_std=_std(energy_per_sample),
-        gpu_energy_j_per_sample=_mean(_per_sample(measurements, "gpu_energy_j")),
-        cpu_energy_j_per_sample=_mean(_per_sample(measurements, "cpu_energy_j")),
-        dram_energy_j_per_sample=_mean(_per_sample(measurements, "dram_energy_j")),
-        energy_sources=sources,
+        energy_per_sample_j=_mean(energy_per_sample),
+        energy_per_sample_j_std=_std(energy_per_sample),
+        net_energy_per_sample_j=_mean(net_per_sample),
+        gpu_energy_per_sample_j=_mean(_per_sample(measurements, "gpu_energy_j")),
+        cpu_energy_per_sample_j=_mean(_per_sample(measurements, "cpu_energy_j")),
+        dram_energy_per_sample_j=_mean(_per_sample(measurements, "dram_energy_j")),
+        energy_source=sources,
+        idle_power_w=idle_w,
         carbon_g_per_sample=_mean(_per_sample(measurements, "carbon_g")),
+        intensity_g_per_kwh=first.intensity_g_per_kwh if first is not None else None,
+        intensity_source=first.intensity_source if first is not None else None,
+        intensity_kind=first.intensity_kind if first is not None else None,
         params=facts.get("params"),
         macs=facts.get("macs"),
         size_bytes=facts.get("size_bytes"),

@@ -128,3 +128,58 @@ def test_run_bad_spec_writes_nothing(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: pipelines[0].stages[0].prune.ratio")
     assert not (tmp_path / "store.db").exists() and not (tmp_path / "artifacts").exists()
+
+
+RETRAIN_SPEC = """
+name: retrain
+seed: 0
+model:
+  arch: vit_tiny_patch16_224
+  kwargs: {img_size: 8, patch_size: 2, in_chans: 1, depth: 2, embed_dim: 48, num_heads: 3}
+dataset: {name: digits}
+train: {epochs: 6, batch_size: 64, lr: 0.003}
+pipelines:
+  - name: distill
+    stages:
+      - prune: {method: structured, mode: all, ratio: 0.5}
+      - distill: {epochs: 2, lr: 0.001, batch_size: 64}
+  - name: finetune
+    stages:
+      - prune: {method: structured, mode: all, ratio: 0.5}
+      - finetune: {epochs: 2, lr: 0.001, batch_size: 64}
+evaluate: {targets: [local], batch_size: 128, warmup_batches: 1, repeats: 2, min_window_s: 0.1, idle_s: 0.2}
+carbon: {provider: static, regions: {local: FR}}
+"""
+
+
+def test_retraining_sweep_records_progress_energy_and_carbon(tmp_path: Path) -> None:
+    """distill's default teacher is the sweep's baseline; every epoch of every
+    retraining stage is in the store; every measurement carries energy and carbon."""
+    spec = tmp_path / "retrain.yaml"
+    spec.write_text(RETRAIN_SPEC)
+    db = f"sqlite:///{tmp_path}/store.db"
+    env = {**os.environ, "GREENSWEEP_ARTIFACTS": str(tmp_path / "artifacts"), "GREENSWEEP_DB_URL": db}
+    out = _run(["run", str(spec)], tmp_path, env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sweep_id = out.stdout.split()[1]
+
+    from orchestrator.store import Store
+
+    store = Store.open(db)
+    stages = {s.kind: s for s in store.stages(sweep_id)}
+    train_key = stages["train"].key
+    assert stages["distill"].params["teacher"] == f"artifact:{train_key}"
+    for kind, epochs in (("train", 6), ("distill", 2), ("finetune", 2)):
+        reports = store.progress(sweep_id, stages[kind].key)
+        assert [r["epoch"] for r in reports] == list(range(1, epochs + 1)), kind
+        assert all(r["val_top1"] is not None for r in reports)
+
+    rows = {r.pipeline: r for r in store.results(sweep_id)}
+    pruned_parent = stages["prune"].metrics
+    assert pruned_parent["params_after"] < pruned_parent["params_before"]
+    for r in rows.values():
+        assert r.energy_source.get("cpu") in ("rapl", "estimate-tdp")
+        assert r.energy_per_sample_j > 0 and r.idle_power_w.get("cpu") is not None
+        assert r.intensity_source.startswith("static:") and r.intensity_kind == "average"
+        assert r.intensity_g_per_kwh == pytest.approx(56.0)  # FR, Ember 2023
+        assert r.carbon_g_per_sample == pytest.approx(r.energy_per_sample_j / 3.6e6 * 56.0)

@@ -49,7 +49,7 @@ def test_a_failing_fact_is_none_not_an_error(monkeypatch):
     def broken() -> str:
         raise OSError("no such device")
 
-    monkeypatch.setattr(hardware, "_cpu_model", broken)
+    monkeypatch.setattr(hardware, "cpu_model", broken)
     monkeypatch.setattr(hardware, "_gpus", broken)
     facts = describe_node()
     assert facts["cpu_model"] is None and facts["gpus"] is None

@@ -128,10 +128,11 @@ def test_calibration_reads_train_data_only(root, monkeypatch):
         assert torch.isfinite(loaded(torch.randn(4, *SHAPE))).all()
 
 
-def test_calibration_data_must_fit_the_model(root):
-    wrong = DatasetRef("synthetic", options={"input_shape": [3, 8, 8], "num_classes": 10, "num_samples": 8})
-    with pytest.raises(ValueError, match="expects"):
-        quantize.run(_task(root, "vit-wrong-data", "vit", dataset=wrong, weights="int8", activations="int8"), ENV)
+def test_calibration_data_is_adapted_to_the_model(root):
+    """RGB 16x16 calibration images for a grey 8x8 model: converted batch by batch."""
+    other = DatasetRef("synthetic", options={"input_shape": [3, 16, 16], "num_classes": 10, "num_samples": 8})
+    out = quantize.run(_task(root, "vit-other-data", "vit", dataset=other, weights="int8", activations="int8"), ENV)
+    assert out.metrics["calibration_samples"] == 8
 
 
 def test_a_quantized_parent_is_refused(root, quantized):

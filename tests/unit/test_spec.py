@@ -288,7 +288,8 @@ def test_defaults_are_filled():
     assert spec.seed == 0
     assert spec.train == TrainParams().model_dump(mode="json")
     assert spec.train == {"epochs": 30, "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64,
-                          "val_fraction": 0.1, "label_smoothing": 0.0}
+                          "val_fraction": 0.1, "label_smoothing": 0.0, "warmup_epochs": 0, "augment": "none",
+                          "accumulate_steps": 1, "patience": None, "amp": True}
     assert dict(spec.model.kwargs) == {} and spec.model.pretrained is False
     assert spec.pipelines == ()
     assert spec.evaluate.targets == ("local",) and spec.evaluate.baseline is True
@@ -296,7 +297,7 @@ def test_defaults_are_filled():
     assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (
         defaults.batch_size, defaults.warmup_batches, defaults.repeats)
     assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 3,
-                                               "min_window_s": 5.0}
+                                               "min_window_s": 5.0, "idle_s": 2.0}
     assert spec.max_points == 1000 and spec.store_url is None
     assert count_points(spec) == 1
 

@@ -20,7 +20,7 @@ from orchestrator.store.models import Base
 from workers.types import ArtifactInfo, EnergyReading, EvalRepeat, StageResult
 
 POSTGRES_ENV = "GREENSWEEP_TEST_POSTGRES_URL"
-TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "alembic_version"}
+TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "stage_progress", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -166,7 +166,7 @@ def test_open_creates_schema_on_empty_database(db_url: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
-    assert current(db_url) == head() == "0001"
+    assert current(db_url) == head() == "0002"
     assert upgrade(db_url) == head()  # idempotent
 
 
@@ -186,15 +186,16 @@ def test_alembic_head_matches_models(db_url: str) -> None:
 
 @pytest.fixture
 def newer_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Make this greensweep's head a revision 0002 (a copy of the scripts plus one no-op)."""
+    """Make this greensweep's head a revision 9999 (a copy of the scripts plus one no-op)."""
+    real_head = head()
     scripts = tmp_path / "alembic"
     shutil.copytree(migrations.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_next.py").write_text(
-        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+    (scripts / "versions" / "9999_next.py").write_text(
+        f'revision = "9999"\ndown_revision = "{real_head}"\nbranch_labels = None\ndepends_on = None\n\n\n'
         "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n"
     )
     monkeypatch.setattr(migrations, "script_location", lambda: scripts)
-    return "0002"
+    return "9999"
 
 
 def test_older_schema_names_the_upgrade_command(db_url: str, newer_scripts: str) -> None:
@@ -207,7 +208,7 @@ def test_older_schema_names_the_upgrade_command(db_url: str, newer_scripts: str)
         Store.open(db_url)
     message = str(info.value)
     assert message.endswith(f"run: greensweep db upgrade --db {mask_url(db_url)}")
-    assert "'0001'" in message and "'0002'" in message and "\n" not in message
+    assert "'0001'" in message and f"'{newer_scripts}'" in message and "\n" not in message
 
     with Store.open(db_url, upgrade=True):
         pass
@@ -414,7 +415,7 @@ def test_results_aggregate_repeats(store: Store) -> None:
 
     baseline, compressed = store.results(sid)
     assert (baseline.point_index, baseline.status, baseline.repeats) == (0, "running", 0)
-    assert baseline.top1 is None and baseline.time_per_sample_s is None and baseline.energy_j_per_sample is None
+    assert baseline.top1 is None and baseline.time_per_sample_s is None and baseline.energy_per_sample_j is None
     assert baseline.params == 1000 and baseline.materialized is True  # model facts are known anyway
 
     r = compressed
@@ -430,16 +431,16 @@ def test_results_aggregate_repeats(store: Store) -> None:
     assert r.top5 == pytest.approx(0.85)
     assert r.time_per_sample_s == pytest.approx(0.02) and r.time_per_sample_s_std == pytest.approx(0.01)
     assert r.throughput_samples_per_s == pytest.approx((100 + 50 + 100 / 3) / 3)
-    assert r.energy_j_per_sample == pytest.approx(0.2) and r.energy_j_per_sample_std == pytest.approx(0.1)
-    assert r.cpu_energy_j_per_sample == pytest.approx(0.2) and r.gpu_energy_j_per_sample is None
-    assert r.energy_sources == {"cpu": "rapl", "gpu": "none", "dram": "none"}
+    assert r.energy_per_sample_j == pytest.approx(0.2) and r.energy_per_sample_j_std == pytest.approx(0.1)
+    assert r.cpu_energy_per_sample_j == pytest.approx(0.2) and r.gpu_energy_per_sample_j is None
+    assert r.energy_source == {"cpu": "rapl", "gpu": "none", "dram": "none"}
     assert r.carbon_g_per_sample is None
     assert (r.params, r.macs, r.size_bytes, r.materialized) == (400, 4000, 4096, True)
 
     store.record_stage_result(sid, eval_result("k-eval0", [0.95], energy_j=None))
     baseline = store.results(sid)[0]
     assert baseline.top1 == pytest.approx(0.95) and baseline.top1_std == 0.0 and baseline.time_per_sample_s_std == 0.0
-    assert baseline.energy_j_per_sample is None and baseline.energy_sources == {}
+    assert baseline.energy_per_sample_j is None and baseline.energy_source == {}
 
 
 def test_reused_evaluation_reports_the_sweep_that_measured_it(store: Store) -> None:
@@ -523,3 +524,64 @@ def test_concurrent_sqlite_writers_do_not_lock(tmp_path: Path) -> None:
             assert store.stages(f"sw-00000000000{n}")[4].attempts == results_each
             assert len(store.measurements(f"sw-00000000000{n}")) == 3
     assert count(url, "nodes") == writers
+
+
+# ------------------------------------------------------------------ real old stores
+
+
+OLD_STORES = sorted((Path(__file__).parents[1] / "data" / "stores").glob("store-*.db"))
+
+
+@pytest.mark.parametrize("old", OLD_STORES, ids=lambda p: p.name)
+def test_real_old_store_is_refused_then_upgraded_with_its_data(old: Path, tmp_path: Path) -> None:
+    """Each kept old-schema SQLite file: refused with the exact command, then upgraded to
+    head by `greensweep db upgrade` without losing a row."""
+    copy = tmp_path / old.name
+    shutil.copy(old, copy)
+    url = f"sqlite:///{copy}"
+    with pytest.raises(SchemaMismatchError, match=r"run: greensweep db upgrade --db sqlite:///"):
+        Store.open(url)
+    assert upgrade(url) == head()
+    with Store.open(url) as store:
+        (sweep,) = store.list_sweeps()
+        rows = store.results(sweep.id)
+        assert [r.point for r in rows] == ["baseline"] and rows[0].top1 == pytest.approx(0.9)
+        key = store.stages(sweep.id)[0].key
+        store.record_progress(sweep.id, key, [{"epoch": 1, "val_top1": 0.5}])
+        assert store.progress(sweep.id, key) == [{"epoch": 1, "val_top1": 0.5}]
+
+
+def test_progress_is_idempotent_per_step(store: Store) -> None:
+    create(store)
+    key = store.stages("sw-000000000001")[0].key
+    store.record_progress("sw-000000000001", key, [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}])
+    store.record_progress("sw-000000000001", key, [{"epoch": 2, "loss": 1.4}, {"step": 3, "loss": 1.2}])
+    assert store.progress("sw-000000000001", key) == [
+        {"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.4}, {"step": 3, "loss": 1.2}]
+    with pytest.raises(ValueError, match="no 'step' or 'epoch'"):
+        store.record_progress("sw-000000000001", key, [{"loss": 1.0}])
+
+
+def test_carbon_and_net_energy(store: Store) -> None:
+    """record_carbon: grams = kWh x intensity on the stage and every repeat, with the
+    intensity's value, source and kind; net energy subtracts idle power x window."""
+    from orchestrator.carbon import Intensity
+
+    create(store)
+    sid = "sw-000000000001"
+    result = eval_result("k-eval1", [0.8, 0.8])
+    idle = tuple(replace(r, energy=replace(r.energy, cpu_idle_power_w=2.0)) for r in result.repeats)
+    store.record_stage_result(sid, replace(result, repeats=idle))
+    store.record_carbon(sid, "k-eval1", Intensity(g_co2_per_kwh=360.0, source="static:test 2024",
+                                                   kind="average", region="FR"))
+    r = store.results(sid)[1]
+    # repeats: 10 J in 1 s and 20 J in 2 s over 100 samples; idle 2 W.
+    assert r.energy_per_sample_j == pytest.approx(0.15)
+    assert r.net_energy_per_sample_j == pytest.approx(((10 - 2) / 100 + (20 - 4) / 100) / 2)
+    assert r.idle_power_w == {"cpu": 2.0}
+    assert r.carbon_g_per_sample == pytest.approx(0.15 / 3.6e6 * 360.0)
+    assert (r.intensity_g_per_kwh, r.intensity_source, r.intensity_kind) == (360.0, "static:test 2024", "average")
+    # A stage with no energy figure gets the intensity but no grams.
+    store.record_stage_result(sid, eval_result("k-eval0", [0.9], energy_j=None))
+    store.record_carbon(sid, "k-eval0", Intensity(g_co2_per_kwh=360.0, source="s", kind="average", region="FR"))
+    assert store.results(sid)[0].carbon_g_per_sample is None

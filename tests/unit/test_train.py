@@ -1,4 +1,5 @@
-"""workers.stages.train: the baseline trains, deterministically, choosing on validation."""
+"""workers.stages.train: the baseline trains, deterministically, choosing on validation,
+from scratch or from a checkpoint, on data adapted to the model's input."""
 
 from __future__ import annotations
 
@@ -55,12 +56,18 @@ def test_metrics_describe_every_epoch_and_the_best(five_epochs):
     history = out.metrics["history"]
     assert out.metrics["epochs"] == 5
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
-    assert all(set(h) == {"epoch", "lr", "train_loss", "val_top1", "epoch_s"} for h in history)
+    assert all(set(h) == {"epoch", "lr", "train_loss", "val_top1", "epoch_s", "energy_j"} for h in history)
     assert all(h["epoch_s"] > 0 and math.isfinite(h["train_loss"]) for h in history)
     best = max(history, key=lambda h: h["val_top1"])
     assert out.metrics["best_val_top1"] == best["val_top1"]
     assert out.metrics["best_epoch"] == best["epoch"]
-    assert out.energy is not None and out.energy.duration_s > 0 and out.energy.total_energy_j is None
+    assert (out.metrics["epochs_run"], out.metrics["stopped_early"], out.metrics["resumed_from_epoch"]) == (5, False, 0)
+    # the stage's energy is its epochs' windows added up
+    assert out.energy is not None and out.energy.duration_s == pytest.approx(sum(h["epoch_s"] for h in history))
+    if out.energy.total_energy_j is None:
+        assert all(h["energy_j"] is None for h in history)
+    else:
+        assert out.energy.total_energy_j == pytest.approx(sum(h["energy_j"] for h in history))
 
 
 def test_cosine_schedule_steps_once_per_epoch_over_all_epochs(five_epochs):
@@ -99,10 +106,44 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert not all(torch.equal(a[name], c[name]) for name in a)
 
 
-def test_model_built_for_other_inputs_is_refused_before_training(tmp_path):
-    model = ModelRef("vit_tiny_patch16_224", {"depth": 1, "embed_dim": 48, "num_heads": 3})  # 3x224x224
-    with pytest.raises(ValueError, match=r"cannot take dataset 'digits' inputs of shape \(1, 8, 8\)"):
-        train.run(_task(tmp_path, model=model, epochs=1), ENV)
+def test_data_is_adapted_to_the_shape_the_model_is_built_for(tmp_path):
+    # grey 8x8 digits fed to an RGB 16x16 ViT: channels repeated, images resized per batch
+    model = ModelRef("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3})
+    out = train.run(_task(tmp_path, model=model, epochs=2, lr=3e-3, batch_size=32), ENV)
+    assert out.metrics["best_val_top1"] > 0.2  # chance is 0.1
+    from workers.models import load_artifact
+
+    assert load_artifact(str(tmp_path), "train-key")[1]["input_shape"] == [3, 16, 16]
+
+
+def test_model_that_cannot_run_at_the_chosen_shape_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "model_input_shape", lambda ref, data_shape: (3, 8, 8))  # the model is grey
+    with pytest.raises(ValueError, match=r"model 'vit_tiny_patch16_224' cannot take inputs of shape \(3, 8, 8\)"):
+        train.run(_task(tmp_path, epochs=1), ENV)
+
+
+def test_train_fine_tunes_from_a_checkpoint(tmp_path, five_epochs):
+    import safetensors.torch
+
+    from workers.data import load_dataset
+
+    task, out = five_epochs
+    checkpoint = tmp_path / "baseline.safetensors"
+    safetensors.torch.save_file(_weights(task.artifact_root, task.key), str(checkpoint))
+    ref = ModelRef(TINY_VIT.arch, TINY_VIT.kwargs, checkpoint=str(checkpoint))
+    # a rate too small to move a prediction: the result is the checkpoint's accuracy, not a fresh model's
+    tuned = train.run(_task(tmp_path, model=ref, epochs=1, lr=1e-12, batch_size=128), ENV)
+    assert tuned.metrics["best_val_top1"] == pytest.approx(out.metrics["best_val_top1"])
+    scratch = train.run(_task(tmp_path, key="scratch", epochs=1, lr=1e-12, batch_size=128), ENV)
+    assert scratch.metrics["best_val_top1"] < 0.3
+    assert load_dataset(task.dataset, seed=0).num_classes == 10
+
+
+def test_checkpoints_are_removed_once_the_artifact_is_saved(five_epochs):
+    from workers.training import checkpoint_dir
+
+    task, _ = five_epochs
+    assert not checkpoint_dir(task).exists()
 
 
 def test_too_few_classes_is_refused(tmp_path):

@@ -1,22 +1,35 @@
 """Energy meters: the :class:`Meter` contract and the factory a stage asks for one.
 
 Stages call :func:`make_meter` and never name a backend, so new sensors plug in here
-without touching any stage.
+without touching any stage. Backends are siblings named after their technology:
+``nvml.py`` (NVIDIA GPUs), ``rapl.py`` (CPU packages and DRAM from powercap sysfs),
+``estimate.py`` (a labelled TDP estimate where no CPU sensor exists).
 """
 
 from __future__ import annotations
 
-from workers.meters.base import Meter, NullMeter
+from workers.meters.base import (
+    DOMAINS,
+    Domain,
+    EnergyMeter,
+    Meter,
+    MeterError,
+    NullMeter,
+    Sensor,
+    SensorUnavailable,
+    Skip,
+)
+from workers.meters.factory import make_meter
 
-__all__ = ["Meter", "NullMeter", "make_meter"]
-
-
-def make_meter(device: str) -> Meter:
-    """Return the best meter for a window of work on torch ``device`` (``"cpu"``, ``"cuda:0"``).
-
-    Today every device gets a :class:`NullMeter` (time only, energy ``None`` with source
-    ``"none"``). The real backends plug in here, probed in a documented order with the
-    null meter as the last resort: NVML counters/power for CUDA devices, RAPL for CPU and
-    DRAM, and a clearly labelled TDP estimate where no sensor exists.
-    """
-    return NullMeter(device)
+__all__ = [
+    "DOMAINS",
+    "Domain",
+    "EnergyMeter",
+    "Meter",
+    "MeterError",
+    "NullMeter",
+    "Sensor",
+    "SensorUnavailable",
+    "Skip",
+    "make_meter",
+]

@@ -2,11 +2,21 @@
 
 1. Everything that is not inference happens before any timing: the artifact is loaded,
    the whole test split is moved to the device and cut into batches of ``batch_size``.
-2. ``warmup_batches`` unmeasured batches (allocator, caches, lazy kernel selection).
-3. ``repeats`` times: one meter window around whole passes over the test split, as many
+2. Idle power is sampled for ``idle_s`` seconds with the model loaded and nothing
+   running (before the warm-up, whose tail of raised clocks would inflate it); 0 skips
+   it, and net figures are then None.
+3. ``warmup_batches`` unmeasured batches (allocator, caches, lazy kernel selection).
+4. ``repeats`` times: one meter window around whole passes over the test split, as many
    as it takes for the window to last at least ``min_window_s`` (a 50 ms window would be
    mostly timer and scheduler noise), counting top-1 / top-5 on the device (no host sync
    inside a pass). Per-sample figures divide by the samples actually processed.
+
+Energy is reported per domain (gpu, cpu, dram) gross and net of idle power
+(``net = gross - idle_power_w * duration_s``; it may come out slightly negative when the
+work draws no more than idle), with the source of every figure and the meter's own
+account of which sensors it used and why it skipped the others. Over the repeats each
+time and energy figure gets its mean, sample std and coefficient of variation (std /
+mean), so a reader can tell a difference between models from run-to-run noise.
 
 Inference runs under ``torch.no_grad()``, not ``torch.inference_mode()``: optimum-quanto's
 int4 kernels fail on inference tensors. Accuracy on the synthetic dataset is refused: it
@@ -17,15 +27,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from workers.data import check_input_shape, load_dataset
-from workers.meters import make_meter
+from workers.data import load_dataset
+from workers.meters import DOMAINS, Meter, make_meter
 from workers.stages.registry import EvaluateParams
-from workers.types import EvalRepeat, StageOutput, StageTask, WorkerEnv
+from workers.types import EnergyReading, EvalRepeat, StageOutput, StageTask, WorkerEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,24 +43,26 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     """Evaluate the artifact ``task.parent_key`` on the test split of ``task.dataset``.
 
-    Returns one :class:`EvalRepeat` per repeat (numbered from 0) and metrics: the
-    artifact's ``params``, ``macs``, ``size_bytes``, ``materialized`` and
-    ``compression``; the protocol's ``samples``, ``batch_size``, ``warmup_batches``,
-    ``repeats``; and over the repeats the mean and sample std (``*_std``; None for a
-    single repeat) of ``top1``, ``top5``, ``time_per_sample_s`` and
-    ``throughput_samples_per_s``.
+    Returns one :class:`EvalRepeat` per repeat (numbered from 0; its ``energy`` is the
+    window's gross reading with the idle power) and metrics: the artifact's ``params``,
+    ``macs``, ``size_bytes``, ``materialized`` and ``compression``; the protocol's
+    ``samples``, ``min_window_s``, ``idle_s``, ``batch_size``, ``warmup_batches``,
+    ``repeats``; over the repeats the mean and sample std (``*_std``; None for a single
+    repeat) of ``top1``, ``top5``, ``time_per_sample_s`` and
+    ``throughput_samples_per_s``, and ``time_per_sample_s_cv``; and the energy figures
+    of :func:`_energy_metrics`.
     """
     params = EvaluateParams.model_validate(dict(task.params))
-    splits = load_dataset(task.dataset, seed=task.seed)
+    torch.set_num_threads(env.num_threads)
+    model, manifest = _load_model(task, env.device)
+    model.eval()
+    # The test split converted to the model's input (size, channels) before any timing.
+    splits = load_dataset(task.dataset, seed=task.seed, input_shape=tuple(manifest["input_shape"]))
     if splits.synthetic:
         raise ValueError(
             "refusing to report accuracy on the synthetic dataset (random labels); "
             "evaluate on a real dataset such as 'digits'"
         )
-    torch.set_num_threads(env.num_threads)
-    model, manifest = _load_model(task, env.device)
-    check_input_shape(splits, manifest["input_shape"])
-    model.eval()
 
     images, labels = splits.test.tensors
     batches: list[Batch] = list(
@@ -58,15 +70,19 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     )
     top_k = min(5, splits.num_classes)
 
+    meter = make_meter(env.device)
+    if params.idle_s > 0:
+        meter.measure_idle(params.idle_s)
     with torch.no_grad():
         for i in range(params.warmup_batches):
             model(batches[i % len(batches)][0])
         repeats = tuple(
-            _measured_window(model, batches, top_k, env.device, repeat, params.min_window_s)
+            _measured_window(meter, model, batches, top_k, env.device, repeat, params.min_window_s)
             for repeat in range(params.repeats)
         )
 
-    return StageOutput(metrics={**_artifact_metrics(manifest), **_protocol_metrics(params, repeats)}, repeats=repeats)
+    metrics = {**_artifact_metrics(manifest), **_protocol_metrics(params, repeats), **_energy_metrics(repeats, meter)}
+    return StageOutput(metrics=metrics, repeats=repeats)
 
 
 def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -89,14 +105,13 @@ def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]
 
 
 def _measured_window(
-    model: nn.Module, batches: list[Batch], top_k: int, device: str, repeat: int, min_window_s: float
+    meter: Meter, model: nn.Module, batches: list[Batch], top_k: int, device: str, repeat: int, min_window_s: float
 ) -> EvalRepeat:
     """One meter window around whole passes over every batch, until it lasts
     ``min_window_s``; accuracy counted on-device over every pass."""
     correct_top1 = torch.zeros((), dtype=torch.int64, device=device)
     correct_topk = torch.zeros((), dtype=torch.int64, device=device)
     passes = 0
-    meter = make_meter(device)
     meter.begin()
     start = time.perf_counter()
     while True:
@@ -136,16 +151,84 @@ def _artifact_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _protocol_metrics(params: EvaluateParams, repeats: tuple[EvalRepeat, ...]) -> dict[str, Any]:
-    """How it was measured, and mean / sample std over the repeats of each figure."""
+    """How it was measured, and mean / sample std over the repeats of each figure (and
+    the coefficient of variation of time per sample)."""
     metrics: dict[str, Any] = {
         "samples": repeats[0].samples,
         "min_window_s": params.min_window_s,
+        "idle_s": params.idle_s,
         "batch_size": params.batch_size,
         "warmup_batches": params.warmup_batches,
         "repeats": len(repeats),
     }
-    for name in ("top1", "top5", "time_per_sample_s", "throughput_samples_per_s"):
+    for name in ("top1", "top5", "throughput_samples_per_s"):
         values = [getattr(r, name) for r in repeats]
         metrics[name] = statistics.fmean(values)
         metrics[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    metrics.update(_spread("time_per_sample_s", [r.time_per_sample_s for r in repeats]))
     return metrics
+
+
+def _energy_metrics(repeats: tuple[EvalRepeat, ...], meter: Meter) -> dict[str, Any]:
+    """Energy per sample over the repeats, gross and net of idle power.
+
+    ``energy_per_sample_j`` (all domains with a figure, gross), ``net_energy_per_sample_j``
+    and per domain ``{gpu,cpu,dram}_energy_per_sample_j`` and
+    ``{gpu,cpu,dram}_net_energy_per_sample_j``, each with ``_std`` and ``_cv``; None
+    where the domain has no figure (or, for net, no idle power was sampled).
+    ``idle_power_w`` and ``energy_source`` are per-domain dicts; ``meter`` is the
+    meter's :meth:`~workers.meters.base.Meter.describe` (sources and skip reasons).
+    """
+    readings = [cast(EnergyReading, r.energy) for r in repeats]  # _measured_window always sets it
+    gross = {d: [_domain_energy_j(e, d) for e in readings] for d in DOMAINS}
+    net = {
+        d: [_net_j(g, _idle_power_w(e, d), e.duration_s) for g, e in zip(gross[d], readings)] for d in DOMAINS
+    }
+    samples = [r.samples for r in repeats]
+    metrics: dict[str, Any] = {}
+    metrics.update(_spread("energy_per_sample_j", _per_sample([e.total_energy_j for e in readings], samples)))
+    metrics.update(_spread("net_energy_per_sample_j", _per_sample(_sum_domains(net), samples)))
+    for d in DOMAINS:
+        metrics.update(_spread(f"{d}_energy_per_sample_j", _per_sample(gross[d], samples)))
+        metrics.update(_spread(f"{d}_net_energy_per_sample_j", _per_sample(net[d], samples)))
+    first = readings[0]
+    metrics["idle_power_w"] = {d: _idle_power_w(first, d) for d in DOMAINS}
+    metrics["energy_source"] = {d: getattr(first, f"{d}_source") for d in DOMAINS}
+    metrics["meter"] = meter.describe()
+    return metrics
+
+
+def _domain_energy_j(reading: EnergyReading, domain: str) -> float | None:
+    return getattr(reading, f"{domain}_energy_j")
+
+
+def _idle_power_w(reading: EnergyReading, domain: str) -> float | None:
+    return getattr(reading, f"{domain}_idle_power_w")
+
+
+def _net_j(gross_j: float | None, idle_power_w: float | None, duration_s: float) -> float | None:
+    return None if gross_j is None or idle_power_w is None else gross_j - idle_power_w * duration_s
+
+
+def _sum_domains(per_domain: dict[str, list[float | None]]) -> list[float | None]:
+    """Per repeat, the sum over the domains that have a figure; None when none has."""
+    sums: list[float | None] = []
+    for values in zip(*per_domain.values()):
+        present = [v for v in values if v is not None]
+        sums.append(sum(present) if present else None)
+    return sums
+
+
+def _per_sample(energies_j: list[float | None], samples: list[int]) -> list[float | None]:
+    return [None if e is None else e / n for e, n in zip(energies_j, samples)]
+
+
+def _spread(name: str, values: list[float | None]) -> dict[str, float | None]:
+    """``name``: the mean; ``name_std``: sample std (None for one value); ``name_cv``:
+    std / mean (None without a std or with a zero mean). All None if any value is."""
+    if not values or any(v is None for v in values):
+        return {name: None, f"{name}_std": None, f"{name}_cv": None}
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    cv = std / abs(mean) if std is not None and mean != 0 else None
+    return {name: mean, f"{name}_std": std, f"{name}_cv": cv}

@@ -156,11 +156,12 @@ def kernel_report(model: nn.Module, input_shape: tuple[int, ...], device: str) -
 
 
 def _calibration_images(task: StageTask, params: QuantizeParams, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """Up to ``calibration_batches * batch_size`` train images, shuffled by the sweep seed."""
-    from workers.data import check_input_shape, load_dataset
+    """Up to ``calibration_batches * batch_size`` train images, shuffled by the sweep seed,
+    converted to the model's input (only these: a whole train split at 224x224 would not
+    fit in memory)."""
+    from workers.data import adapt_images, load_dataset
 
     splits = load_dataset(task.dataset, seed=task.seed)
-    check_input_shape(splits, input_shape)
     images = splits.train.tensors[0]
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(task.seed))
-    return images[order[: params.calibration_batches * params.batch_size]]
+    return adapt_images(images[order[: params.calibration_batches * params.batch_size]], input_shape)

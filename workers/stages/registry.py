@@ -12,25 +12,94 @@ coordinator look kinds up here.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainParams(_Params):
-    """Baseline training from scratch (or from a checkpoint): CE + AdamW + cosine per epoch."""
+class LoopParams(_Params):
+    """What every stage that runs the shared training loop (``workers.training``) takes.
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    lr: float = Field(2e-3, gt=0, le=10)
+    AdamW; the learning rate is set once per epoch: ``warmup_epochs`` linear warm-up
+    epochs, then a cosine decay over the remaining epochs. The best *validation* epoch's
+    weights are kept; ``patience`` stops after that many epochs without a new best.
+    ``accumulate_steps`` micro-batches of ``batch_size`` make one optimizer step.
+    ``augment`` (random flip + padded crop) is off by default. ``amp`` is bf16 autocast,
+    effective on CUDA only. ``val_fraction`` carves the validation split from the
+    training data by the sweep seed; keep it equal across a sweep's stages so a student
+    is never selected on samples its teacher trained on.
+    """
+
+    epochs: int = Field(10, ge=1, le=10_000)
+    lr: float = Field(1e-4, gt=0, le=10)
     weight_decay: float = Field(0.05, ge=0, le=10)
     batch_size: int = Field(64, ge=1, le=65_536)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: int = Field(0, ge=0, le=10_000)
+    augment: Literal["none", "flip-crop"] = "none"
+    accumulate_steps: int = Field(1, ge=1, le=1_024)
+    patience: int | None = Field(None, ge=1, le=10_000)
+    amp: bool = True
+
+    @model_validator(mode="after")
+    def _warmup_leaves_epochs(self) -> "LoopParams":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs}); "
+                "lower warmup_epochs or raise epochs"
+            )
+        return self
+
+
+class TrainParams(LoopParams):
+    """Baseline training from scratch (or from a checkpoint / pretrained weights): CE.
+
+    The loop options beyond its original six fields (``warmup_epochs``, ``augment``,
+    ``accumulate_steps``, ``patience``, ``amp``) default to the behaviour it had before.
+    """
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    lr: float = Field(2e-3, gt=0, le=10)
+
+
+class FinetuneParams(LoopParams):
+    """Retrain the parent (typically a pruned model) with cross-entropy only: the control
+    that ``distill`` is compared against. The parent's structure is kept."""
+
+
+# "artifact:<stage key>" or "checkpoint:<path>"; "baseline" is resolved by the planner.
+_TEACHER_FORM = re.compile(r"baseline|artifact:[0-9a-f]+|checkpoint:.+")
+
+
+class DistillParams(LoopParams):
+    """Hinton knowledge distillation into the parent (the student, typically pruned):
+    ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``.
+
+    ``teacher`` is ``baseline`` (the sweep's unpruned model, resolved by the planner),
+    ``artifact:<key>`` (any artifact under the artifact root) or ``checkpoint:<path>``
+    (the spec's architecture with those weights). Defaults follow the reference study
+    (alpha 0.25, T 4).
+    """
+
+    alpha: float = Field(0.25, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0, le=1_000)
+    teacher: str = "baseline"
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_form(cls, v: str) -> str:
+        if not _TEACHER_FORM.fullmatch(v):
+            raise ValueError(
+                "teacher must be 'baseline', 'artifact:<hex key>' or 'checkpoint:<path to .safetensors/.pt>'"
+            )
+        return v
 
 
 class PruneParams(_Params):
@@ -76,6 +145,9 @@ class EvaluateParams(_Params):
     # Each repeat's window covers whole passes over the test split until it lasts this
     # long, so timer granularity and scheduler noise stay small against the window.
     min_window_s: float = Field(5.0, ge=0, le=3_600)
+    # Idle power is sampled for this long before the first window, so net energy (gross
+    # minus idle power x duration) can be reported next to gross; 0 skips it (net: None).
+    idle_s: float = Field(2.0, ge=0, le=600)
 
 
 @dataclass(frozen=True)
@@ -99,6 +171,8 @@ STAGE_KINDS: dict[str, StageKind] = {
         StageKind("train", TrainParams, "workers.stages.train:run", True, True),
         StageKind("prune", PruneParams, "workers.stages.prune:run", True, True),
         StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True),
+        StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True),
+        StageKind("distill", DistillParams, "workers.stages.distill:run", True, True),
         StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False),
     )
 }

@@ -1,0 +1,168 @@
+"""The border between the HTTP intensity providers and the network.
+
+One small JSON-over-HTTPS GET client on the standard library (``urllib``), shared by
+:mod:`.electricitymaps` and :mod:`.watttime`. It exists to make two promises in one
+place: every failure -- refused connection, timeout, HTTP error, a body that is not
+JSON -- becomes a one-line :class:`~.base.CarbonProviderError` naming the provider and
+the fix, and no message ever contains a credential (tokens, passwords and the Basic
+auth header are masked wherever they appear, including in a server's echoed error
+body). Redirects are refused rather than followed, so a header carrying a credential is
+never replayed to another host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterator, Mapping
+
+from orchestrator.carbon.base import CarbonDataError, CarbonProviderError, parse_iso_utc
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_SNIPPET_CHARS = 200
+
+
+class ProviderHTTPError(CarbonProviderError):
+    """The server answered with an HTTP error status (kept in ``status`` for retry logic)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None  # urllib then raises HTTPError for the 3xx
+
+
+def check_base_url(base_url: str, provider: str) -> str:
+    """*base_url* without a trailing slash; only http(s) URLs with a host are accepted."""
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise CarbonDataError(f"carbon.base_url: {base_url!r} is not an http(s) URL for {provider} -- e.g. https://host/path")
+    return base_url.rstrip("/")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_utc(t: datetime) -> str:
+    """``2026-01-01T00:00:00Z``: the timestamp form both APIs accept in query strings."""
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def chunks(start: datetime, end: datetime, size: timedelta) -> Iterator[tuple[datetime, datetime]]:
+    """Consecutive ``(a, b)`` pieces of at most *size* covering ``[start, end]``; one piece if ``start == end``."""
+    t = start
+    while True:
+        b = min(t + size, end)
+        yield t, b
+        if b >= end:
+            return
+        t = b
+
+
+def parse_time(text: Any, provider: str) -> datetime:
+    """An ISO 8601 timestamp from an API answer as an aware UTC datetime."""
+    if not isinstance(text, str):
+        raise CarbonProviderError(f"{provider}: malformed answer: timestamp {text!r} is not a string")
+    try:
+        return parse_iso_utc(text)
+    except ValueError:
+        raise CarbonProviderError(f"{provider}: malformed answer: timestamp {text[:40]!r} is not ISO 8601") from None
+
+
+def parse_value(value: Any, provider: str, field: str) -> float:
+    """A finite, non-negative number from an API answer."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CarbonProviderError(f"{provider}: malformed answer: {field} {str(value)[:40]!r} is not a non-negative number")
+    return float(value)
+
+
+class JsonClient:
+    """GET JSON from one API; every failure is a :class:`CarbonProviderError` without secrets.
+
+    *auth_hint* is appended to authentication failures (e.g. "check ELECTRICITYMAPS_TOKEN").
+    Secrets given at construction or later with :meth:`add_secret` are masked in every
+    message this client raises.
+    """
+
+    def __init__(self, provider: str, base_url: str, *, timeout_s: float, auth_hint: str, secrets: tuple[str, ...] = ()) -> None:
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.provider = provider
+        self.base_url = check_base_url(base_url, provider)
+        self.timeout_s = timeout_s
+        self.auth_hint = auth_hint
+        self._secrets = [s for s in secrets if s]
+        self._opener = urllib.request.build_opener(_RefuseRedirect)
+
+    def add_secret(self, secret: str) -> None:
+        if secret:
+            self._secrets.append(secret)
+
+    def scrub(self, text: str) -> str:
+        """*text* on one line with every known secret replaced by ``***``."""
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return " ".join(text.split())
+
+    def get(self, path: str, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None) -> Any:
+        """GET ``base_url + path`` with *params* and *headers*; the decoded JSON body."""
+        url = self.base_url + path
+        full_url = url + ("?" + urllib.parse.urlencode(params) if params else "")
+        request = urllib.request.Request(full_url, headers={"Accept": "application/json", **(headers or {})})
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                body = response.read(MAX_BODY_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            raise self._status_error(e, url) from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise self._timeout(url) from None
+            raise self._fail(f"cannot reach {url}: {e.reason}") from None
+        except TimeoutError:
+            raise self._timeout(url) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise self._fail(f"connection to {url} failed: {type(e).__name__}: {e}") from None
+        if len(body) > MAX_BODY_BYTES:
+            raise self._fail(f"answer from {url} is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise self._fail(f"malformed answer from {url}: not JSON ({self._snippet(body)})") from None
+
+    def _snippet(self, body: bytes) -> str:
+        text = body[: _SNIPPET_CHARS * 4].decode("utf-8", errors="replace")
+        text = self.scrub(text)
+        return (text[:_SNIPPET_CHARS] + "...") if len(text) > _SNIPPET_CHARS else (text or "empty body")
+
+    def _fail(self, message: str) -> CarbonProviderError:
+        return CarbonProviderError(self.scrub(f"{self.provider}: {message}"))
+
+    def _timeout(self, url: str) -> CarbonProviderError:
+        return self._fail(f"no answer from {url} within {self.timeout_s:g} s -- the service is slow or unreachable; retry later")
+
+    def _status_error(self, e: urllib.error.HTTPError, url: str) -> ProviderHTTPError:
+        try:
+            body = e.read(_SNIPPET_CHARS * 4)
+        except (OSError, http.client.HTTPException):
+            body = b""
+        status = e.code
+        if status in (401, 403):
+            what = f"authentication failed (HTTP {status}) at {url} -- {self.auth_hint}"
+        elif status == 429:
+            what = f"rate limited (HTTP 429) at {url} -- slow down or retry later"
+        elif status >= 500:
+            what = f"server error HTTP {status} at {url} ({self._snippet(body)}) -- retry later"
+        elif 300 <= status < 400:
+            what = f"HTTP {status} redirect from {url} refused -- set carbon.base_url to the final address"
+        else:
+            what = f"HTTP {status} at {url}: {self._snippet(body)}"
+        return ProviderHTTPError(self.scrub(f"{self.provider}: {what}"), status=status)

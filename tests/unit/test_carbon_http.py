@@ -1,0 +1,431 @@
+"""The Electricity Maps and WattTime providers against a local HTTP server.
+
+The server (``http.server`` on 127.0.0.1, an ephemeral port, one thread) answers with
+canned bodies shaped like the APIs' documented answers and records every request, so
+the tests check the endpoints, parameters and auth headers the clients send and how
+each failure -- 401, timeout, 5xx, malformed body, refused connection, redirect --
+becomes one line without a credential in it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from orchestrator.carbon import (
+    CarbonDataError,
+    CarbonProviderError,
+    ElectricityMapsProvider,
+    WattTimeProvider,
+    make_provider,
+    parse_carbon_config,
+)
+
+UTC = timezone.utc
+NOW = datetime(2026, 3, 10, 12, 30, tzinfo=UTC)
+TOKEN = "em-SECRET-token-1234"
+USER, PASSWORD = "greensweep-bot", "wt-SECRET-pass-5678"
+WT_TOKEN = "wt-SECRET-bearer-9999"
+TIMEOUT_S = 0.3
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: Any = None  # JSON-encoded unless bytes
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+class FakeAPI:
+    """Canned replies per path (a list is served in order, its last reply repeating)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, list[Reply] | Callable[[Seen], Reply]] = {}
+        self.seen: list[Seen] = []
+        self.url = ""
+        self.release = threading.Event()
+
+    def on(self, path: str, *replies: Reply) -> None:
+        self.routes[path] = list(replies)
+
+    def paths(self) -> list[str]:
+        return [s.path for s in self.seen]
+
+    def reply(self, seen: Seen) -> Reply:
+        route = self.routes.get(seen.path)
+        if route is None:
+            return Reply(404, {"message": f"no route {seen.path}"})
+        if callable(route):
+            return route(seen)
+        return route.pop(0) if len(route) > 1 else route[0]
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeAPI]:
+    fake = FakeAPI()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            parts = urlsplit(self.path)
+            headers = {name.lower(): value for name, value in self.headers.items()}  # HTTP names are case-insensitive
+            seen = Seen(parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}, headers)
+            fake.seen.append(seen)
+            reply = fake.reply(seen)
+            if reply.delay_s:
+                fake.release.wait(reply.delay_s)
+            body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+            try:
+                self.send_response(reply.status)
+                for name, value in {"Content-Type": "application/json", **reply.headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up (timeout test)
+                pass
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield fake
+    finally:
+        fake.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def assert_clean(message: str, *secrets: str) -> None:
+    """One line, and no credential in any form."""
+    assert "\n" not in message
+    for secret in secrets:
+        assert secret not in message, f"secret leaked into: {message}"
+
+
+def hourly(zone: str, start: datetime, values: list[float], factor: str = "lifecycle") -> list[dict[str, Any]]:
+    return [
+        {"zone": zone, "carbonIntensity": v, "datetime": iso(start + timedelta(hours=i)), "updatedAt": iso(NOW),
+         "createdAt": iso(NOW), "emissionFactorType": factor, "isEstimated": False, "estimationMethod": None}
+        for i, v in enumerate(values)
+    ]
+
+
+# -- Electricity Maps ------------------------------------------------------------------
+
+
+@pytest.fixture
+def em(api: FakeAPI) -> ElectricityMapsProvider:
+    return ElectricityMapsProvider(TOKEN, base_url=api.url + "/v3", timeout_s=TIMEOUT_S, clock=lambda: NOW)
+
+
+def test_em_latest_for_a_window_in_the_current_hour(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(body=hourly("DE", utc(2026, 3, 10, 12), [302.0])[0]))
+    figure = em.intensity("DE", utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    assert (figure.g_co2_per_kwh, figure.kind, figure.source, figure.region) == (302.0, "average", "electricitymaps:lifecycle", "DE")
+    assert (figure.valid_from, figure.valid_to) == (utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    (seen,) = api.seen
+    assert seen.query == {"zone": "DE"}
+    assert seen.headers["auth-token"] == TOKEN
+
+
+def test_em_history_is_time_weighted_across_hours(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/history", Reply(body={"zone": "FR", "history": hourly("FR", utc(2026, 3, 9, 13), [50.0] * 20 + [200.0, 400.0, 100.0, 80.0])}))
+    # hours 09:00 -> 200, 10:00 -> 400
+    figure = em.intensity("FR", utc(2026, 3, 10, 9, 45), utc(2026, 3, 10, 10, 30))
+    assert figure.g_co2_per_kwh == pytest.approx((15 * 200 + 30 * 400) / 45)
+    assert figure.kind == "average"
+    assert api.paths() == ["/v3/carbon-intensity/history"]
+
+
+def test_em_past_range_is_fetched_in_ten_day_chunks(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    def past_range(seen: Seen) -> Reply:
+        start = datetime.fromisoformat(seen.query["start"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(seen.query["end"].replace("Z", "+00:00"))
+        hours = int((end - start) / timedelta(hours=1)) + 1  # the API's end is inclusive
+        return Reply(body={"zone": "DE", "data": hourly("DE", start, [100.0] * hours)})
+
+    api.routes["/v3/carbon-intensity/past-range"] = past_range
+    figure = em.intensity("DE", utc(2026, 1, 1, 0, 30), utc(2026, 1, 26))
+    assert figure.g_co2_per_kwh == pytest.approx(100.0)
+    assert [s.query["start"] for s in api.seen] == ["2026-01-01T00:00:00Z", "2026-01-11T00:00:00Z", "2026-01-21T00:00:00Z"]
+    assert api.seen[-1].query["end"] == "2026-01-26T00:00:00Z"
+
+
+def test_em_forecast_for_future_windows(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    forecast = [{"carbonIntensity": v, "datetime": iso(utc(2026, 3, 10, 12) + timedelta(hours=i))} for i, v in enumerate([300, 250, 200, 150])]
+    api.on("/v3/carbon-intensity/forecast", Reply(body={"zone": "DE", "forecast": forecast, "updatedAt": iso(NOW)}))
+    figure = em.intensity("DE", utc(2026, 3, 10, 13), utc(2026, 3, 10, 15))
+    assert (figure.g_co2_per_kwh, figure.kind, figure.source) == (225.0, "forecast", "electricitymaps")
+    assert em.series("DE", NOW, utc(2026, 3, 10, 15, 30), 3600) == [pytest.approx(275.0), pytest.approx(225.0), pytest.approx(175.0)]
+    assert api.paths() == ["/v3/carbon-intensity/forecast"] * 2
+
+
+def test_em_window_straddling_now_joins_history_and_forecast(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/history", Reply(body={"zone": "DE", "history": hourly("DE", utc(2026, 3, 9, 13), [100.0] * 24)}))
+    forecast = [{"carbonIntensity": 500, "datetime": iso(utc(2026, 3, 10, 13) + timedelta(hours=i))} for i in range(3)]
+    api.on("/v3/carbon-intensity/forecast", Reply(body={"zone": "DE", "forecast": forecast}))
+    figure = em.intensity("DE", utc(2026, 3, 10, 11), utc(2026, 3, 10, 14))
+    assert figure.g_co2_per_kwh == pytest.approx(700 / 3)  # 11:00 and 12:00 from history (100), 13:00 forecast (500)
+    assert figure.kind == "forecast"
+    assert sorted(api.paths()) == ["/v3/carbon-intensity/forecast", "/v3/carbon-intensity/history"]
+
+
+def test_em_missing_data_is_a_provider_error(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    records = hourly("DE", utc(2026, 3, 9, 13), [100.0] * 24)
+    records[20]["carbonIntensity"] = None  # 09:00 unpublished
+    api.on("/v3/carbon-intensity/history", Reply(body={"zone": "DE", "history": records}))
+    with pytest.raises(CarbonProviderError, match="no data for zone DE covering 2026-03-10T08:30:00Z..2026-03-10T09:30:00Z"):
+        em.intensity("DE", utc(2026, 3, 10, 8, 30), utc(2026, 3, 10, 9, 30))
+
+
+def test_em_401_names_the_env_var_not_the_token(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(401, {"message": f"invalid token {TOKEN}"}))
+    with pytest.raises(CarbonProviderError) as e:
+        em.intensity("DE", utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    msg = str(e.value)
+    assert "electricitymaps: authentication failed (HTTP 401)" in msg and "check ELECTRICITYMAPS_TOKEN" in msg
+    assert e.value.exit_code == 5
+    assert_clean(msg, TOKEN)
+
+
+def test_em_timeout(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(body={}, delay_s=TIMEOUT_S * 10))
+    with pytest.raises(CarbonProviderError, match=f"no answer from {api.url}/v3/carbon-intensity/latest within {TIMEOUT_S:g} s") as e:
+        em.intensity("DE", utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    assert_clean(str(e.value), TOKEN)
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (Reply(body=f"<html>proxy error for {TOKEN}\n</html>".encode()), "malformed answer from"),
+        (Reply(body=b""), "not JSON (empty body)"),
+        (Reply(body={"zone": "DE"}), "expected an object with a 'history' list"),
+        (Reply(body={"zone": "DE", "history": [{"carbonIntensity": "high", "datetime": iso(NOW)}]}), "carbonIntensity 'high' is not a non-negative number"),
+        (Reply(body={"zone": "DE", "history": [{"carbonIntensity": 1, "datetime": "yesterday"}]}), "timestamp 'yesterday' is not ISO 8601"),
+        (Reply(502, f"Bad gateway; request carried auth-token: {TOKEN}".encode()), "server error HTTP 502"),
+        (Reply(400, {"error": f"zone XX unknown (token {TOKEN})"}), "HTTP 400 at"),
+        (Reply(429, {}), "rate limited (HTTP 429)"),
+    ],
+)
+def test_em_bad_answers_are_one_clean_line(api: FakeAPI, em: ElectricityMapsProvider, reply: Reply, message: str) -> None:
+    api.on("/v3/carbon-intensity/history", reply)
+    with pytest.raises(CarbonProviderError, match=re.escape(message)) as e:
+        em.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
+    assert_clean(str(e.value), TOKEN)
+    if b"auth-token" in (reply.body if isinstance(reply.body, bytes) else b""):
+        assert "***" in str(e.value)  # the echoed token was masked, the rest of the body kept
+
+
+def test_em_redirects_are_refused_so_the_token_is_not_replayed(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(302, {}, headers={"Location": api.url + "/elsewhere"}))
+    with pytest.raises(CarbonProviderError, match="HTTP 302 redirect .* refused") as e:
+        em.intensity("DE", utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    assert api.paths() == ["/v3/carbon-intensity/latest"]
+    assert_clean(str(e.value), TOKEN)
+
+
+def test_em_unreachable_server() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    provider = ElectricityMapsProvider(TOKEN, base_url=f"http://127.0.0.1:{port}/v3", timeout_s=TIMEOUT_S, clock=lambda: NOW)
+    with pytest.raises(CarbonProviderError, match=f"electricitymaps: cannot reach http://127.0.0.1:{port}/v3/carbon-intensity/latest") as e:
+        provider.intensity("DE", utc(2026, 3, 10, 12, 10), utc(2026, 3, 10, 12, 20))
+    assert_clean(str(e.value), TOKEN)
+
+
+def test_em_from_config_uses_env_token_and_base_url(api: FakeAPI) -> None:
+    now = datetime.now(UTC)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    api.on("/v3/carbon-intensity/latest", Reply(body=hourly("FR", hour, [42.0])[0]))
+    # in case the provider's clock has passed an hour boundary since *now*
+    api.on("/v3/carbon-intensity/history", Reply(body={"zone": "FR", "history": hourly("FR", hour - timedelta(hours=23), [42.0] * 25)}))
+    config = parse_carbon_config({"provider": "electricitymaps", "base_url": api.url + "/v3", "timeout_s": 2, "regions": {"local": "FR"}})
+    provider = make_provider(config, env={"ELECTRICITYMAPS_TOKEN": TOKEN})
+    figure = provider.intensity("local", now - timedelta(seconds=1), now - timedelta(seconds=1))
+    assert (figure.region, figure.g_co2_per_kwh) == ("FR", 42.0)
+    (seen,) = api.seen
+    assert seen.query["zone"] == "FR" and seen.headers["auth-token"] == TOKEN
+    with pytest.raises(CarbonDataError, match="carbon.base_url: 'ftp://x' is not an http"):
+        make_provider(parse_carbon_config({"provider": "electricitymaps", "base_url": "ftp://x"}), env={"ELECTRICITYMAPS_TOKEN": TOKEN})
+
+
+# -- WattTime --------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def moer(start: datetime, values: list[float], *, units: str = "lbs_co2_per_mwh", period_s: int = 300) -> dict[str, Any]:
+    return {
+        "data": [{"point_time": (start + timedelta(seconds=period_s * i)).isoformat(), "value": v} for i, v in enumerate(values)],
+        "meta": {"region": "CAISO_NORTH", "signal_type": "co2_moer", "units": units, "data_point_period_seconds": period_s,
+                 "model": {"date": "2026-03-01"}, "warnings": []},
+    }
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(NOW)
+
+
+@pytest.fixture
+def wt(api: FakeAPI, clock: Clock) -> WattTimeProvider:
+    api.on("/login", Reply(body={"token": WT_TOKEN}))
+    return WattTimeProvider(USER, PASSWORD, base_url=api.url, timeout_s=TIMEOUT_S, clock=clock)
+
+
+def test_wt_login_then_historical_in_g_per_kwh(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/historical", Reply(body=moer(utc(2026, 3, 10, 10, 55), [1000.0] * 7)))
+    figure = wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    assert figure.g_co2_per_kwh == pytest.approx(453.592)
+    assert (figure.kind, figure.source, figure.region) == ("marginal", "watttime:co2_moer", "CAISO_NORTH")
+    login, data = api.seen
+    assert login.path == "/login"
+    assert login.headers["authorization"] == "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert data.path == "/v3/historical" and data.headers["authorization"] == f"Bearer {WT_TOKEN}"
+    assert data.query == {"signal_type": "co2_moer", "region": "CAISO_NORTH", "start": "2026-03-10T10:55:00Z", "end": "2026-03-10T11:30:00Z"}
+
+
+def test_wt_unit_conversion_and_time_weighting(api: FakeAPI, wt: WattTimeProvider) -> None:
+    assert WattTimeProvider.__module__ == "orchestrator.carbon.watttime"
+    from orchestrator.carbon.watttime import G_PER_KWH_PER_LB_PER_MWH
+
+    assert G_PER_KWH_PER_LB_PER_MWH == 0.453592  # 1 lb/MWh = 453.592 g / 1000 kWh
+    api.on("/v3/historical", Reply(body=moer(utc(2026, 3, 10, 11), [100.0, 1100.0])))
+    figure = wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11, 2), utc(2026, 3, 10, 11, 7))
+    assert figure.g_co2_per_kwh == pytest.approx((3 * 100 + 2 * 1100) / 5 * 0.453592)
+
+
+def test_wt_series_fetches_once(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/historical", Reply(body=moer(utc(2026, 3, 10, 10, 55), [100.0, 100.0, 100.0, 300.0, 300.0, 300.0, 500.0])))
+    series = wt.series("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30), 600)
+    assert series == pytest.approx([v * 0.453592 for v in (100.0, 300.0, 400.0)])  # 11:20-11:30: 300 then 500
+    assert api.paths() == ["/login", "/v3/historical"]
+
+
+def test_wt_token_is_reused_then_renewed(api: FakeAPI, wt: WattTimeProvider, clock: Clock) -> None:
+    api.on("/v3/historical", Reply(body=moer(utc(2026, 3, 10, 10), [500.0] * 36)))
+    window = (utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    wt.intensity("CAISO_NORTH", *window)
+    wt.intensity("CAISO_NORTH", *window)
+    assert api.paths().count("/login") == 1
+    clock.now += timedelta(minutes=29)  # within 2 minutes of the 30-minute expiry
+    wt.intensity("CAISO_NORTH", *window)
+    assert api.paths().count("/login") == 2
+
+
+def test_wt_relogs_in_once_on_401(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/historical", Reply(401, {"error": "token expired"}), Reply(body=moer(utc(2026, 3, 10, 10, 55), [10.0] * 10)))
+    figure = wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    assert figure.g_co2_per_kwh == pytest.approx(4.53592)
+    assert api.paths() == ["/login", "/v3/historical", "/login", "/v3/historical"]
+
+
+def test_wt_bad_credentials(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/login", Reply(401, f"no user {USER} with password {PASSWORD}".encode()))
+    with pytest.raises(CarbonProviderError) as e:
+        wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    msg = str(e.value)
+    assert "watttime: authentication failed (HTTP 401)" in msg and "check WATTTIME_USERNAME and WATTTIME_PASSWORD" in msg
+    assert api.paths() == ["/login"]  # no retry loop on bad credentials
+    assert_clean(msg, PASSWORD)
+
+
+def test_wt_login_without_token(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/login", Reply(body={"detail": "ok"}))
+    with pytest.raises(CarbonProviderError, match="login answered without a token"):
+        wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+
+
+def test_wt_forecast_for_future_windows(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/forecast", Reply(body=moer(utc(2026, 3, 10, 12, 30), [800.0] * 12 + [400.0] * 12)))
+    figure = wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 13), utc(2026, 3, 10, 14))
+    assert figure.kind == "forecast" and figure.source == "watttime:co2_moer"
+    assert figure.g_co2_per_kwh == pytest.approx((6 * 800 + 6 * 400) / 12 * 0.453592)
+    assert api.seen[-1].query == {"signal_type": "co2_moer", "region": "CAISO_NORTH", "horizon_hours": "2"}
+    with pytest.raises(CarbonDataError, match="forecasts reach 72 h ahead; the window ends 74 h from now"):
+        wt.intensity("CAISO_NORTH", NOW, NOW + timedelta(hours=73, minutes=30))
+
+
+def test_wt_refuses_unknown_units(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/historical", Reply(body=moer(utc(2026, 3, 10, 10, 55), [1.0] * 10, units="percentile")))
+    with pytest.raises(CarbonProviderError, match="unexpected units 'percentile' for co2_moer"):
+        wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (Reply(body=b"not json at all"), "not JSON"),
+        (Reply(body={"data": "x"}), "expected an object with 'data' \\(list\\) and 'meta'"),
+        (Reply(400, b"echo: Authorization: Bearer " + WT_TOKEN.encode()), "HTTP 400 at"),
+        (Reply(503, b"maintenance"), "server error HTTP 503"),
+        (Reply(body={}, delay_s=TIMEOUT_S * 10), f"within {TIMEOUT_S:g} s"),
+    ],
+)
+def test_wt_failures_never_show_credentials(api: FakeAPI, wt: WattTimeProvider, reply: Reply, message: str) -> None:
+    api.on("/v3/historical", reply)
+    with pytest.raises(CarbonProviderError, match=message) as e:
+        wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert_clean(str(e.value), PASSWORD, WT_TOKEN, basic)
+
+
+def test_wt_from_config(api: FakeAPI) -> None:
+    api.on("/login", Reply(body={"token": WT_TOKEN}))
+    now = datetime.now(UTC)
+    api.on("/v3/historical", Reply(body=moer(now - timedelta(minutes=20), [200.0] * 6)))
+    config = parse_carbon_config({"provider": "watttime", "base_url": api.url, "timeout_s": 2})
+    provider = make_provider(config, env={"WATTTIME_USERNAME": USER, "WATTTIME_PASSWORD": PASSWORD})
+    figure = provider.intensity("CAISO_NORTH", now - timedelta(minutes=15), now - timedelta(minutes=5))
+    assert figure.g_co2_per_kwh == pytest.approx(200 * 0.453592) and figure.kind == "marginal"
