@@ -294,6 +294,10 @@ def status(sweep_id: str | None, db: str | None) -> None:
         dur = f"{st.duration_s:7.1f}s" if st.duration_s is not None else " " * 8
         err = f"  {st.error}" if st.error else ""
         click.echo(f"  {st.status:<9} {st.kind:<9}{where:<10} {st.key[:12]} {dur} attempts {st.attempts}{err}")
+        if st.status == "running":
+            reports = store.progress(sweep_id, st.key)
+            if reports:
+                click.echo(f"            progress: {_progress_text(reports[-1])}")
 
 
 @cli.command()

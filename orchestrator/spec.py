@@ -84,6 +84,7 @@ class _EvaluateSection(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
     batch_size: int = EvaluateParams.model_fields["batch_size"].default
     warmup_batches: int = EvaluateParams.model_fields["warmup_batches"].default
+    warmup_s: float = EvaluateParams.model_fields["warmup_s"].default
     repeats: int = EvaluateParams.model_fields["repeats"].default
     min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
     idle_s: float = EvaluateParams.model_fields["idle_s"].default
@@ -165,6 +166,7 @@ class EvaluateSpec:
     targets: tuple[str, ...]
     batch_size: int
     warmup_batches: int
+    warmup_s: float
     repeats: int
     min_window_s: float
     idle_s: float
@@ -175,6 +177,7 @@ class EvaluateSpec:
             target=target,
             batch_size=self.batch_size,
             warmup_batches=self.warmup_batches,
+            warmup_s=self.warmup_s,
             repeats=self.repeats,
             min_window_s=self.min_window_s,
             idle_s=self.idle_s,
@@ -477,7 +480,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     try:
         for t in f.evaluate.targets:
             EvaluateParams(target=t, batch_size=f.evaluate.batch_size,
-                           warmup_batches=f.evaluate.warmup_batches, repeats=f.evaluate.repeats,
+                           warmup_batches=f.evaluate.warmup_batches, warmup_s=f.evaluate.warmup_s, repeats=f.evaluate.repeats,
                            min_window_s=f.evaluate.min_window_s, idle_s=f.evaluate.idle_s)
     except ValidationError as e:
         raise _pydantic_error(e, prefix="evaluate") from None
@@ -501,6 +504,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             targets=tuple(f.evaluate.targets),
             batch_size=f.evaluate.batch_size,
             warmup_batches=f.evaluate.warmup_batches,
+            warmup_s=f.evaluate.warmup_s,
             repeats=f.evaluate.repeats,
             min_window_s=f.evaluate.min_window_s,
             idle_s=f.evaluate.idle_s,

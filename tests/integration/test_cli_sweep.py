@@ -33,7 +33,7 @@ pipelines:
     stages:
       - prune: {method: structured, mode: all, ratio: 0.5}
       - quantize: {weights: int8, activations: [none, int8], calibration_batches: 2}
-evaluate: {targets: [local], batch_size: 128, warmup_batches: 1, repeats: 2, min_window_s: 0.1}
+evaluate: {targets: [local], batch_size: 128, warmup_batches: 1, repeats: 2, min_window_s: 0.1, warmup_s: 0.2}
 """
 
 GREENSWEEP = str(Path(sys.executable).parent / "greensweep")
@@ -147,7 +147,7 @@ pipelines:
     stages:
       - prune: {method: structured, mode: all, ratio: 0.5}
       - finetune: {epochs: 2, lr: 0.001, batch_size: 64}
-evaluate: {targets: [local], batch_size: 128, warmup_batches: 1, repeats: 2, min_window_s: 0.1, idle_s: 0.2}
+evaluate: {targets: [local], batch_size: 128, warmup_batches: 1, repeats: 2, min_window_s: 0.1, idle_s: 0.2, warmup_s: 0.2}
 carbon: {provider: static, regions: {local: FR}}
 """
 

@@ -80,3 +80,22 @@ def test_env_db_url_is_used(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("GREENSWEEP_DB_URL", f"sqlite:///{db}")
     code, out, _ = _call(["db", "upgrade"], capsys)
     assert code == 0 and db.exists()
+
+
+def test_status_shows_progress_of_running_stages(capsys, tmp_path):
+    from orchestrator.store import Store
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    with Store.open(db) as store:
+        store.create_sweep(
+            sweep_id="sw-000000000abc", name="p", spec_text="name: p", spec_hash="h", artifact_root=str(tmp_path),
+            stages=[{"key": "k-train", "kind": "train", "params": {}, "parent_key": None, "target": None}],
+            points=[], naive_stage_count=1,
+        )
+        store.mark_stage_running("sw-000000000abc", "k-train", "node-a")
+        store.record_progress("sw-000000000abc", "k-train", [
+            {"epoch": 1, "epochs": 30, "train_loss": 2.1, "val_top1": 0.4},
+            {"epoch": 2, "epochs": 30, "train_loss": 1.5, "val_top1": 0.61, "epoch_s": 1.2}])
+    code, out, _ = _call(["status", "sw-000000000abc", "--db", db], capsys)
+    assert code == 0
+    assert "progress: epoch 2/30  loss 1.500  val top1 61.0%  1.2s" in out

@@ -53,6 +53,7 @@ def _task(
 ) -> StageTask:
     params.setdefault("min_window_s", 0.0)  # one pass per window unless a test asks for more
     params.setdefault("idle_s", 0.0)  # no idle sampling unless a test asks for it
+    params.setdefault("warmup_s", 0.0)  # warm-up by batch count only unless a test asks
     return StageTask(
         sweep_id="sweep",
         key="evaluate-key",

@@ -297,7 +297,8 @@ def test_defaults_are_filled():
     assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (
         defaults.batch_size, defaults.warmup_batches, defaults.repeats)
     assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 3,
-                                               "min_window_s": 5.0, "idle_s": 2.0}
+                                               "min_window_s": 5.0, "idle_s": 2.0,
+                                               "warmup_s": 3.0}
     assert spec.max_points == 1000 and spec.store_url is None
     assert count_points(spec) == 1
 

@@ -5,7 +5,10 @@
 2. Idle power is sampled for ``idle_s`` seconds with the model loaded and nothing
    running (before the warm-up, whose tail of raised clocks would inflate it); 0 skips
    it, and net figures are then None.
-3. ``warmup_batches`` unmeasured batches (allocator, caches, lazy kernel selection).
+3. Unmeasured warm-up: at least ``warmup_batches`` batches and at least ``warmup_s``
+   seconds of them (allocator, caches, lazy kernel selection, and on shared VMs a CPU
+   that takes seconds to reach its steady speed: measured here, 3 warm-up batches left
+   the first windows ~30 % slower than later ones).
 4. ``repeats`` times: one meter window around whole passes over the test split, as many
    as it takes for the window to last at least ``min_window_s`` (a 50 ms window would be
    mostly timer and scheduler noise), counting top-1 / top-5 on the device (no host sync
@@ -74,8 +77,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     if params.idle_s > 0:
         meter.measure_idle(params.idle_s)
     with torch.no_grad():
-        for i in range(params.warmup_batches):
-            model(batches[i % len(batches)][0])
+        _warm_up(model, batches, params.warmup_batches, params.warmup_s, env.device)
         repeats = tuple(
             _measured_window(meter, model, batches, top_k, env.device, repeat, params.min_window_s)
             for repeat in range(params.repeats)
@@ -83,6 +85,16 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
 
     metrics = {**_artifact_metrics(manifest), **_protocol_metrics(params, repeats), **_energy_metrics(repeats, meter)}
     return StageOutput(metrics=metrics, repeats=repeats)
+
+
+def _warm_up(model: nn.Module, batches: list[Batch], min_batches: int, min_s: float, device: str) -> None:
+    """Run batches, unmeasured, until both at least *min_batches* ran and *min_s* passed."""
+    start, done = time.perf_counter(), 0
+    while done < min_batches or time.perf_counter() - start < min_s:
+        model(batches[done % len(batches)][0])
+        done += 1
+        if device.startswith("cuda") and done % len(batches) == 0:
+            torch.cuda.synchronize(device)
 
 
 def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -159,6 +171,7 @@ def _protocol_metrics(params: EvaluateParams, repeats: tuple[EvalRepeat, ...]) -
         "idle_s": params.idle_s,
         "batch_size": params.batch_size,
         "warmup_batches": params.warmup_batches,
+        "warmup_s": params.warmup_s,
         "repeats": len(repeats),
     }
     for name in ("top1", "top5", "throughput_samples_per_s"):

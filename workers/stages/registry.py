@@ -141,6 +141,8 @@ class EvaluateParams(_Params):
     target: str = "local"
     batch_size: int = Field(64, ge=1, le=65_536)
     warmup_batches: int = Field(3, ge=0, le=10_000)
+    # ... and at least this long: a CPU on a shared VM takes seconds to reach steady speed.
+    warmup_s: float = Field(3.0, ge=0, le=3_600)
     repeats: int = Field(3, ge=1, le=1_000)
     # Each repeat's window covers whole passes over the test split until it lasts this
     # long, so timer granularity and scheduler noise stay small against the window.
