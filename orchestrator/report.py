@@ -93,7 +93,7 @@ def _table(data: list[dict[str, Any]]) -> str:
 
     t = Table(show_lines=False, header_style="bold")
     columns = (("#", "right"), ("point", "left"), ("target", "left"), ("top1 %", "right"), ("top5 %", "right"),
-               ("ms/sample (± std)", "right"), ("mJ/sample (source)", "right"), ("mg CO2/sample", "right"),
+               ("ms/sample (± std)", "right"), ("mJ/sample (source)", "right"), ("µg CO2/sample", "right"),
                ("params", "right"), ("MACs", "right"), ("size", "right"), ("compression", "left"))
     for col, just in columns:
         t.add_column(col, justify=just)
@@ -111,7 +111,7 @@ def _table(data: list[dict[str, Any]]) -> str:
             str(d["point_index"]), d["point"], d["target"], _pct(d["top1"]), _pct(d["top5"]),
             f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
             _energy_cell(d),
-            "-" if carbon is None else f"{1e3 * carbon:.5f}",
+            "-" if carbon is None else f"{1e6 * carbon:.4f}",
             _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
             "none" if d["point"] == "baseline" else ("materialized" if d["materialized"] else "simulated"),
         )
