@@ -171,9 +171,13 @@ def _newer_error(url: str, revision: str, scripts: ScriptDirectory) -> SchemaMis
 def _inspect(engine: Engine) -> tuple[str | None, set[str]]:
     from alembic.runtime.migration import MigrationContext
 
+    # Tables first, then the revision: a schema created concurrently (tables and stamp
+    # commit together) can then look "already at head" but never "tables without a
+    # revision", which would be misread as a foreign database.
     with engine.connect() as connection:
+        tables = set(inspect(connection).get_table_names())
         revision = MigrationContext.configure(connection).get_current_revision()
-        return revision, set(inspect(connection).get_table_names())
+        return revision, tables
 
 
 def _translated(url: str, fn: Callable[[], T]) -> T:
