@@ -199,8 +199,15 @@ def _check_node_regions(provider, nodes) -> None:
 @click.option("--region", default="local", show_default=True,
               help="Region label of the local node (embedded default only); map it to a carbon region "
                    "with the spec's carbon.regions, e.g. {local: FR}.")
-def run(spec_path: Path, db: str | None, address: str | None, region: str | None) -> None:
+@click.option("--cluster", "cluster_file", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Start the simulated cluster described by FILE (e.g. clusters/local-sim.yaml) "
+                   "instead of the plain local Ray; exclusive with --address.")
+def run(spec_path: Path, db: str | None, address: str | None, region: str | None,
+        cluster_file: Path | None) -> None:
     """Run the sweep in SPEC and print its results."""
+    if cluster_file is not None and address is not None:
+        raise UsageError("give either --cluster (start a simulated cluster) or --address (join a running one), not both")
     from orchestrator import cluster
     from orchestrator.coordinator import Coordinator, WorkerPool
     from orchestrator.plan import build_plan
@@ -211,7 +218,7 @@ def run(spec_path: Path, db: str | None, address: str | None, region: str | None
     plan_ = build_plan(spec)
     carbon = _carbon_provider(spec)
     store = _open_store(db, spec.store_url)
-    cluster.connect(address, region=region)
+    cluster.connect(address, region=region, cluster_file=cluster_file)
     pool = None
     try:
         nodes = cluster.discover_nodes()
@@ -237,6 +244,9 @@ def run(spec_path: Path, db: str | None, address: str | None, region: str | None
         click.echo(f"sweep {sweep_id} ({spec.name}): {len(plan_.points)} points, {len(plan_.stages)} unique "
                    f"stages (naive {plan_.naive_stage_count}) on {len(nodes)} node(s); store "
                    f"{mask_url(_db_url(db, spec.store_url))}")
+        if cluster_file is not None:
+            click.echo("note: a simulated cluster -- its node types share this one host, so their timings "
+                       "and energy are not a hardware comparison")
         coord = Coordinator(store=store, spec=spec, plan=plan_, sweep_id=sweep_id, artifact_root=root,
                             pool=pool, progress=LineProgress(plan_), carbon=carbon)
         outcome = coord.run()
@@ -313,6 +323,43 @@ def results(sweep_id: str | None, db: str | None, fmt: str) -> None:
     click.echo(render_results(store.results(sweep_id), fmt))
 
 
+# -- nodes ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster address. Default: start a local Ray on 127.0.0.1, as `run` does.")
+@click.option("--cluster", "cluster_file", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Start the simulated cluster described by FILE; exclusive with --address.")
+def nodes(address: str | None, cluster_file: Path | None) -> None:
+    """List the Ray nodes greensweep would use: type, region, CPUs, GPUs and hardware.
+
+    Hardware is read on each node by a task pinned to it. Live nodes without a
+    greensweep/node-type label are listed as unused. A Ray this command starts
+    (local or simulated) is shut down before it returns.
+    """
+    from orchestrator import cluster
+
+    cluster.connect(address, cluster_file=cluster_file)
+    try:
+        found = cluster.discover_nodes()
+        facts = cluster.describe_nodes(found)
+        unlabelled = cluster.unlabelled_nodes()
+    finally:
+        cluster.shutdown()
+    click.echo(f"{'NODE':<10} {'TYPE':<12} {'REGION':<14} {'CPUS':>4} {'GPUS':>4}  HARDWARE")
+    for n in found:
+        f = facts.get(n.node_id, {})
+        gpus = ", ".join(g["name"] for g in f.get("gpus") or []) or "no GPU"
+        hw = f"{f.get('cpu_model') or 'unknown CPU'}; {gpus}"
+        click.echo(f"{n.node_id[:8]:<10} {n.node_type:<12} {n.region or '-':<14} {n.num_cpus:>4} {n.num_gpus:>4}  {hw}")
+    for node_id in unlabelled:
+        click.echo(f"{node_id[:8]:<10} {'-':<12} {'-':<14} {'':>4} {'':>4}  unlabelled, not used")
+    if not found:
+        click.echo(f"no node carries the label {cluster.NODE_TYPE_LABEL}; greensweep has nowhere to run")
+
+
 # -- db ------------------------------------------------------------------------------------
 
 
@@ -343,6 +390,28 @@ def db_current(db: str | None) -> None:
     rev = current(url)
     state = "up to date" if rev == head() else f"greensweep expects {head()} -- run: greensweep db upgrade --db {mask_url(url)}"
     click.echo(f"{mask_url(url)}: {rev or 'no schema'} ({state})")
+
+
+# -- carbon --------------------------------------------------------------------------------
+
+
+@cli.group()
+def carbon() -> None:
+    """Carbon-aware planning without a cluster."""
+
+
+@carbon.command("plan")
+@click.option("--instance", "instance_path", required=True, metavar="FILE.json",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Scheduling instance (format: docs/scheduler-instance.md).")
+@click.option("--policy", type=click.Choice(["fifo", "greedy-carbon", "carbon-deadline"]),
+              default="carbon-deadline", show_default=True, help="Scheduling policy.")
+def carbon_plan(instance_path: Path, policy: str) -> None:
+    """Print the JSON plan POLICY makes for the instance in FILE.json."""
+    from orchestrator.scheduler.instance import load_instance
+    from orchestrator.scheduler.planner import plan as make_plan
+
+    click.echo(json.dumps(make_plan(load_instance(instance_path), policy).to_json(), indent=2))
 
 
 # -- entry point ---------------------------------------------------------------------------

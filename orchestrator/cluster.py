@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-from orchestrator.errors import ClusterError
+from orchestrator.errors import ClusterError, UsageError
+
+if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
 
 NODE_TYPE_LABEL = "greensweep/node-type"
 REGION_LABEL = "greensweep/region"
@@ -20,6 +24,12 @@ LOCAL_NODE_TYPE = "local"
 # The local Ray's object store: artifacts travel through the artifact root, so the
 # object store only carries small task/result objects.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+# Each simulated node's object store (Ray's minimum is ~75 MiB); small for the same reason.
+SIM_OBJECT_STORE_BYTES = 128 * 1024**2
+_LOOPBACK = "127.0.0.1"
+
+# The simulated cluster this process started, torn down by shutdown().
+_simulated: Cluster | None = None
 
 
 @dataclass(frozen=True)
@@ -33,12 +43,24 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
-def connect(address: str | None, *, region: str | None = None, num_cpus: int | None = None) -> None:
-    """Start a local single-node Ray (address None) or connect to a running cluster.
+def connect(
+    address: str | None,
+    *,
+    region: str | None = None,
+    num_cpus: int | None = None,
+    cluster_file: Path | str | None = None,
+) -> None:
+    """Start a local single-node Ray (address None), start the simulated cluster in
+    *cluster_file*, or connect to a running cluster at *address*.
 
     The local Ray binds to 127.0.0.1, runs without the dashboard and labels its only
-    node ``greensweep/node-type=local``.
+    node ``greensweep/node-type=local``. *address* and *cluster_file* are exclusive.
     """
+    if cluster_file is not None:
+        if address is not None:
+            raise UsageError("--cluster and --address are mutually exclusive -- give one of them")
+        start_simulated(cluster_file)
+        return
     import ray  # lazy: ~1 s import
 
     if ray.is_initialized():
@@ -67,11 +89,60 @@ def connect(address: str | None, *, region: str | None = None, num_cpus: int | N
         ) from None
 
 
+def start_simulated(path: Path | str) -> None:
+    """Start the simulated heterogeneous cluster described by *path* on this host and
+    connect this process to it.
+
+    The head node has 0 CPUs and no greensweep label, so all work lands on the labelled
+    worker nodes. Every node binds to 127.0.0.1 without the dashboard. The file is fully
+    validated (node types, regions) before any Ray process starts; if a node fails to
+    start, the nodes already started are torn down. :func:`shutdown` stops the cluster.
+    """
+    global _simulated
+    from orchestrator.catalog import load_simulated_cluster
+
+    sim = load_simulated_cluster(path)
+    # Resolve node IPs to loopback (Ray otherwise probes the outbound interface); set before
+    # Ray reads its constants, and inherited by every raylet and worker started below.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    # Ray reads the variable once, at import; a process that imported Ray earlier (a test
+    # run, a notebook) would otherwise advertise the head's GCS on a non-loopback address.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+    if ray.is_initialized() or _simulated is not None:
+        raise ClusterError("Ray is already running in this process -- shut it down before starting a simulated cluster")
+    node_common: dict[str, Any] = dict(
+        node_ip_address=_LOOPBACK, include_dashboard=False, object_store_memory=SIM_OBJECT_STORE_BYTES,
+    )
+    cluster = Cluster()
+    try:
+        cluster.add_node(num_cpus=0, **node_common)
+        for node in sim.nodes:
+            labels = {NODE_TYPE_LABEL: node.node_type, REGION_LABEL: node.region}
+            for _ in range(node.count):
+                cluster.add_node(num_cpus=node.num_cpus, labels=labels, **node_common)
+        ray.init(address=cluster.address, _node_ip_address=_LOOPBACK, logging_level="ERROR", log_to_driver=False)
+    except Exception as e:
+        cluster.shutdown()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ClusterError(f"cannot start the simulated cluster {sim.name!r} from {path}: {first}") from None
+    _simulated = cluster
+
+
 def shutdown() -> None:
+    """Disconnect from Ray, and stop the simulated cluster if this process started one."""
+    global _simulated
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    if _simulated is not None:
+        _simulated.shutdown()
+        _simulated = None
 
 
 def discover_nodes() -> list[NodeInfo]:
@@ -97,6 +168,45 @@ def discover_nodes() -> list[NodeInfo]:
             labels=labels,
         ))
     return sorted(out, key=lambda x: (x.node_type, x.node_id))
+
+
+def unlabelled_nodes() -> list[str]:
+    """Ids of live Ray nodes without a greensweep node-type label; greensweep never
+    places work on them (e.g. a simulated cluster's head, or a node started without
+    ``--labels``), and says so rather than ignoring them silently."""
+    import ray
+
+    return sorted(
+        n["NodeID"] for n in ray.nodes()
+        if n.get("Alive") and not (n.get("Labels") or {}).get(NODE_TYPE_LABEL)
+    )
+
+
+def describe_nodes(nodes: list[NodeInfo], timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Hardware facts per node id, each read *on that node* by a task pinned to it
+    (``NodeAffinitySchedulingStrategy``, hard), so they describe the machine, not the
+    coordinator. The task asks for 0 CPUs, so busy nodes still answer.
+
+    Raises :class:`ClusterError` when a node does not answer within *timeout_s*.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.hardware import describe_node
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(describe_node)
+    refs = {
+        n.node_id: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n.node_id, soft=False)
+        ).remote()
+        for n in nodes
+    }
+    try:
+        facts = ray.get(list(refs.values()), timeout=timeout_s)
+    except ray.exceptions.RayError as e:  # includes GetTimeoutError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ClusterError(f"cannot read hardware facts from every node: {first} -- check `ray status`") from None
+    return dict(zip(refs, facts))
 
 
 def require_targets(nodes: list[NodeInfo], targets: tuple[str, ...]) -> None:

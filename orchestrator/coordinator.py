@@ -265,8 +265,8 @@ class Coordinator:
             self.store.set_sweep_status(self.sweep_id, "cancelled")
             return SweepOutcome(self.sweep_id, "cancelled", self._counts(), time.perf_counter() - start)
         counts = self._counts()
-        evals = [s.key for s in self.plan.stages if s.kind == "evaluate"]
-        ok_evals = sum(1 for k in evals if self.status[k] == "succeeded")
+        measured = [s.key for s in self.plan.stages if not get_kind(s.kind).produces_artifact]  # evaluations
+        ok_evals = sum(1 for k in measured if self.status[k] == "succeeded")
         if counts.get("failed", 0) == 0 and counts.get("skipped", 0) == 0:
             status = "succeeded"
         elif ok_evals:
