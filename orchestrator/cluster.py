@@ -43,6 +43,28 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str) -> None:
+    """Fail fast, with one line, when a ``host:port`` or ``ray://host:port`` address does
+    not accept connections: ``ray.init`` would otherwise retry for minutes and print
+    its own warnings. ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or e.__class__.__name__
+        raise ClusterError(
+            f"cannot reach Ray at {address}: {reason} -- check that the cluster is up and the address "
+            "is the head's GCS (host:6379) or Ray client (ray://host:10001) address, or omit --address to run locally"
+        ) from None
+
+
 def connect(
     address: str | None,
     *,
@@ -79,6 +101,7 @@ def connect(
                 **common,
             )
         else:
+            probe_address(address)
             ray.init(address=address, **common)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"

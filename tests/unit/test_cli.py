@@ -99,3 +99,16 @@ def test_status_shows_progress_of_running_stages(capsys, tmp_path):
     code, out, _ = _call(["status", "sw-000000000abc", "--db", db], capsys)
     assert code == 0
     assert "progress: epoch 2/30  loss 1.500  val top1 61.0%  1.2s" in out
+
+
+def test_unreachable_ray_address_fails_fast_with_one_line(capsys, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nmodel: {arch: resnet18}\ndataset: {name: digits}\ntrain: {epochs: 1}\n")
+    start = time.monotonic()
+    code, _, err = _call(["run", str(spec), "--address", "127.0.0.1:1", "--db", f"sqlite:///{tmp_path}/s.db"],
+                         capsys)
+    assert code == 5 and time.monotonic() - start < 30
+    assert err.startswith("error: cannot reach Ray at 127.0.0.1:1") and err.count("\n") == 1
