@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from orchestrator.errors import ClusterError, UsageError
+from orchestrator.errors import ClusterError, UsageError, first_line
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
@@ -105,9 +105,8 @@ def connect(
             ray.init(address=address, **common)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise ClusterError(
-            f"cannot connect to Ray at {where}: {first} -- check that the cluster is up "
+            f"cannot connect to Ray at {where}: {first_line(e)} -- check that the cluster is up "
             "(`ray status --address ...`) or omit --address to run locally"
         ) from None
 
@@ -151,8 +150,7 @@ def start_simulated(path: Path | str) -> None:
         ray.init(address=cluster.address, _node_ip_address=_LOOPBACK, logging_level="ERROR", log_to_driver=False)
     except Exception as e:
         cluster.shutdown()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ClusterError(f"cannot start the simulated cluster {sim.name!r} from {path}: {first}") from None
+        raise ClusterError(f"cannot start the simulated cluster {sim.name!r} from {path}: {first_line(e)}") from None
     _simulated = cluster
 
 
@@ -227,8 +225,7 @@ def describe_nodes(nodes: list[NodeInfo], timeout_s: float = 120.0) -> dict[str,
     try:
         facts = ray.get(list(refs.values()), timeout=timeout_s)
     except ray.exceptions.RayError as e:  # includes GetTimeoutError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ClusterError(f"cannot read hardware facts from every node: {first} -- check `ray status`") from None
+        raise ClusterError(f"cannot read hardware facts from every node: {first_line(e)} -- check `ray status`") from None
     return dict(zip(refs, facts))
 
 

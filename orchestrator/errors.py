@@ -59,6 +59,12 @@ class StageFailedError(GreensweepError):
     exit_code = 1
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of *exc*'s message, or its class name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
+
+
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 
 

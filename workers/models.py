@@ -123,12 +123,12 @@ def build_model(ref: ModelRef, num_classes: int) -> nn.Module:
     try:
         model = timm.create_model(ref.arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as e:
-        raise ValueError(f"timm cannot build {ref.arch!r} with kwargs {kwargs}: {_first_line(e)}") from e
+        raise ValueError(f"timm cannot build {ref.arch!r} with kwargs {kwargs}: {first_line(e)}") from e
     except OSError as e:  # huggingface_hub reports an unreachable hub as LocalEntryNotFoundError
         if not pretrained:
             raise
         raise PretrainedWeightsUnavailableError(
-            f"pretrained weights for {ref.arch!r} cannot be downloaded here ({_first_line(e)}); "
+            f"pretrained weights for {ref.arch!r} cannot be downloaded here ({first_line(e)}); "
             "download them where there is network access and name the file in the model's `checkpoint:`"
         ) from e
     if ref.checkpoint:
@@ -539,7 +539,7 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
-            raise ArtifactLoadError(f"checkpoint {path} is not a readable safetensors file: {_first_line(e)}") from e
+            raise ArtifactLoadError(f"checkpoint {path} is not a readable safetensors file: {first_line(e)}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -548,7 +548,7 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
             "re-save it with torch.save(model.state_dict(), path) or as .safetensors"
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ArtifactLoadError(f"checkpoint {path} is not a readable torch file: {_first_line(e)}") from e
+        raise ArtifactLoadError(f"checkpoint {path} is not a readable torch file: {first_line(e)}") from e
     if isinstance(obj, Mapping):
         for nesting in _CHECKPOINT_NESTING_KEYS:
             if isinstance(obj.get(nesting), Mapping):
@@ -679,6 +679,7 @@ def _library_versions() -> dict[str, str | None]:
     return versions
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of *exc*'s message, or its class name when the message is empty."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__

@@ -187,9 +187,10 @@ def check_model_takes(model: nn.Module, input_shape: Sequence[int], *, what: str
         with torch.no_grad():
             model(torch.zeros((1, *input_shape), device=device))
     except (RuntimeError, AssertionError, ValueError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        from workers.models import first_line
+
         raise ValueError(
-            f"{what} cannot take inputs of shape {tuple(input_shape)} ({first_line}); "
+            f"{what} cannot take inputs of shape {tuple(input_shape)} ({first_line(e)}); "
             "set the model's in_chans / img_size kwargs to the shape it was built for"
         ) from e
     finally:

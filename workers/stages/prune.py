@@ -209,8 +209,9 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             model(example)
     except (RuntimeError, ValueError, AssertionError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        from workers.models import first_line
+
         raise ValueError(
-            f"structured pruning left {type(model).__name__} unable to run ({first_line}); "
+            f"structured pruning left {type(model).__name__} unable to run ({first_line(e)}); "
             "this architecture needs a mode that leaves the failing layers alone, or unstructured pruning"
         ) from e
