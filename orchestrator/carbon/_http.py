@@ -21,7 +21,19 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator, Mapping
 
-from orchestrator.carbon.base import CarbonDataError, CarbonProviderError, parse_iso_utc
+from orchestrator.carbon.base import (
+    CarbonDataError,
+    CarbonProviderError,
+    Intensity,
+    IntensityProvider,
+    Kind,
+    check_window,
+    parse_iso_utc,
+    step_windows,
+    window_mean,
+)
+
+Points = list[tuple[datetime, float]]
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _SNIPPET_CHARS = 200
@@ -166,3 +178,42 @@ class JsonClient:
         else:
             what = f"HTTP {status} at {url}: {self._snippet(body)}"
         return ProviderHTTPError(self.scrub(f"{self.provider}: {what}"), status=status)
+
+
+class PointsProvider(IntensityProvider):
+    """An HTTP provider whose answers are timestamped points: :meth:`intensity` and
+    :meth:`series` are time-weighted means of what :meth:`_fetch` returns for the window.
+
+    Subclasses set ``edge_tolerance_s`` (how late the newest point may be) and the words
+    of the no-data message, and implement ``_fetch``.
+    """
+
+    edge_tolerance_s: float
+    no_data_what: str  # e.g. "data", "co2_moer data"
+    no_data_place: str  # e.g. "zone", "region"
+    no_data_fix: str  # e.g. "the zone has gaps"
+
+    def _fetch(self, region: str, start: datetime, end: datetime) -> tuple[Points, float, Kind, str]:
+        """(points, period of one point in s, kind, source) covering [start, end)."""
+        raise NotImplementedError
+
+    def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:
+        start, end = check_window(start, end)
+        points, period_s, kind, source = self._fetch(region, start, end)
+        return Intensity(self._mean(points, period_s, region, start, end), source, kind, region, start, end)
+
+    def series(self, region: str, start: datetime, end: datetime, step_s: float) -> list[float]:
+        windows = step_windows(start, end, step_s)
+        points, period_s, _, _ = self._fetch(region, *check_window(start, end))
+        return [self._mean(points, period_s, region, a, b) for a, b in windows]
+
+    def _mean(self, points: Points, period_s: float, region: str, start: datetime, end: datetime) -> float:
+        value = window_mean(points, start, end, period_s=period_s, edge_tolerance_s=self.edge_tolerance_s)
+        if value is None:
+            have = f"{points[0][0]:%Y-%m-%dT%H:%MZ}..{points[-1][0]:%Y-%m-%dT%H:%MZ}" if points else "nothing"
+            raise CarbonProviderError(
+                f"{self.name}: no {self.no_data_what} for {self.no_data_place} {region} covering "
+                f"{start:%Y-%m-%dT%H:%M:%SZ}..{end:%Y-%m-%dT%H:%M:%SZ} (the API returned {have}) -- "
+                f"it may not be published yet, or {self.no_data_fix}"
+            )
+        return value

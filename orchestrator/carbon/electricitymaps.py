@@ -24,17 +24,8 @@ import os
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from orchestrator.carbon._http import JsonClient, chunks, iso_utc, parse_time, parse_value, utc_now
-from orchestrator.carbon.base import (
-    CarbonDataError,
-    CarbonProviderError,
-    Intensity,
-    IntensityProvider,
-    Kind,
-    check_window,
-    step_windows,
-    window_mean,
-)
+from orchestrator.carbon._http import JsonClient, Points, PointsProvider, chunks, iso_utc, parse_time, parse_value, utc_now
+from orchestrator.carbon.base import CarbonDataError, CarbonProviderError, Kind
 
 DEFAULT_BASE_URL = "https://api.electricitymap.org/v3"
 TOKEN_ENV = "ELECTRICITYMAPS_TOKEN"
@@ -43,13 +34,12 @@ EDGE_TOLERANCE_S = 3600.0  # the current hour may be published late; a forecast 
 HISTORY_SPAN = timedelta(hours=24)
 PAST_RANGE_CHUNK = timedelta(days=10)
 
-Points = list[tuple[datetime, float]]
-
-
-class ElectricityMapsProvider(IntensityProvider):
+class ElectricityMapsProvider(PointsProvider):
     """Average (or forecast) intensity from Electricity Maps; zones are open-ended."""
 
     name = "electricitymaps"
+    edge_tolerance_s = EDGE_TOLERANCE_S
+    no_data_what, no_data_place, no_data_fix = "data", "zone", "the zone has gaps"
 
     def __init__(
         self,
@@ -79,27 +69,7 @@ class ElectricityMapsProvider(IntensityProvider):
     def regions(self) -> None:
         return None
 
-    def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:
-        start, end = check_window(start, end)
-        points, kind, source = self._fetch(region, start, end)
-        return Intensity(self._mean(points, region, start, end), source, kind, region, start, end)
-
-    def series(self, region: str, start: datetime, end: datetime, step_s: float) -> list[float]:
-        windows = step_windows(start, end, step_s)
-        points, _, _ = self._fetch(region, *check_window(start, end))
-        return [self._mean(points, region, a, b) for a, b in windows]
-
-    def _mean(self, points: Points, zone: str, start: datetime, end: datetime) -> float:
-        value = window_mean(points, start, end, period_s=PERIOD_S, edge_tolerance_s=EDGE_TOLERANCE_S)
-        if value is None:
-            have = f"{points[0][0]:%Y-%m-%dT%H:%MZ}..{points[-1][0]:%Y-%m-%dT%H:%MZ}" if points else "nothing"
-            raise CarbonProviderError(
-                f"electricitymaps: no data for zone {zone} covering {start:%Y-%m-%dT%H:%M:%SZ}..{end:%Y-%m-%dT%H:%M:%SZ} "
-                f"(the API returned {have}) -- it may not be published yet, or the zone has gaps"
-            )
-        return value
-
-    def _fetch(self, zone: str, start: datetime, end: datetime) -> tuple[Points, Kind, str]:
+    def _fetch(self, zone: str, start: datetime, end: datetime) -> tuple[Points, float, Kind, str]:
         now = self._clock()
         records: list[Any] = []
         if start < now or end <= now:
@@ -119,7 +89,7 @@ class ElectricityMapsProvider(IntensityProvider):
                 factor_types.add(record["emissionFactorType"])
         kind: Kind = "forecast" if end > now else "average"
         source = f"{self.name}:{'+'.join(sorted(factor_types))}" if factor_types else self.name
-        return sorted(by_time.items()), kind, source
+        return sorted(by_time.items()), PERIOD_S, kind, source
 
     def _past(self, zone: str, start: datetime, end: datetime, now: datetime) -> list[Any]:
         hour_start = now.replace(minute=0, second=0, microsecond=0)

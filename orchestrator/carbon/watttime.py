@@ -25,17 +25,18 @@ import os
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from orchestrator.carbon._http import JsonClient, ProviderHTTPError, chunks, iso_utc, parse_time, parse_value, utc_now
-from orchestrator.carbon.base import (
-    CarbonDataError,
-    CarbonProviderError,
-    Intensity,
-    IntensityProvider,
-    Kind,
-    check_window,
-    step_windows,
-    window_mean,
+from orchestrator.carbon._http import (
+    JsonClient,
+    Points,
+    PointsProvider,
+    ProviderHTTPError,
+    chunks,
+    iso_utc,
+    parse_time,
+    parse_value,
+    utc_now,
 )
+from orchestrator.carbon.base import CarbonDataError, CarbonProviderError, Kind
 
 DEFAULT_BASE_URL = "https://api.watttime.org"
 USERNAME_ENV = "WATTTIME_USERNAME"
@@ -50,13 +51,13 @@ MAX_HORIZON_H = 72
 DEFAULT_PERIOD_S = 300.0
 EDGE_TOLERANCE_S = 900.0  # historical data lags a few 5-minute intervals behind now
 
-Points = list[tuple[datetime, float]]
-
-
-class WattTimeProvider(IntensityProvider):
+class WattTimeProvider(PointsProvider):
     """Marginal (MOER) intensity from WattTime; regions (``CAISO_NORTH``, ...) are open-ended."""
 
     name = "watttime"
+    edge_tolerance_s = EDGE_TOLERANCE_S
+    no_data_what, no_data_place = f"{SIGNAL_TYPE} data", "region"
+    no_data_fix = "the account lacks access to this region"
 
     def __init__(
         self,
@@ -96,29 +97,7 @@ class WattTimeProvider(IntensityProvider):
     def regions(self) -> None:
         return None
 
-    def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:
-        start, end = check_window(start, end)
-        points, period_s, kind = self._fetch(region, start, end)
-        value = self._mean(points, period_s, region, start, end)
-        return Intensity(value, f"{self.name}:{SIGNAL_TYPE}", kind, region, start, end)
-
-    def series(self, region: str, start: datetime, end: datetime, step_s: float) -> list[float]:
-        windows = step_windows(start, end, step_s)
-        points, period_s, _ = self._fetch(region, *check_window(start, end))
-        return [self._mean(points, period_s, region, a, b) for a, b in windows]
-
-    def _mean(self, points: Points, period_s: float, region: str, start: datetime, end: datetime) -> float:
-        value = window_mean(points, start, end, period_s=period_s, edge_tolerance_s=EDGE_TOLERANCE_S)
-        if value is None:
-            have = f"{points[0][0]:%Y-%m-%dT%H:%MZ}..{points[-1][0]:%Y-%m-%dT%H:%MZ}" if points else "nothing"
-            raise CarbonProviderError(
-                f"watttime: no {SIGNAL_TYPE} data for region {region} covering "
-                f"{start:%Y-%m-%dT%H:%M:%SZ}..{end:%Y-%m-%dT%H:%M:%SZ} (the API returned {have}) -- "
-                "it may not be published yet, or the account lacks access to this region"
-            )
-        return value
-
-    def _fetch(self, region: str, start: datetime, end: datetime) -> tuple[Points, float, Kind]:
+    def _fetch(self, region: str, start: datetime, end: datetime) -> tuple[Points, float, Kind, str]:
         now = self._clock()
         bodies: list[Any] = []
         if start < now or end <= now:
@@ -143,7 +122,7 @@ class WattTimeProvider(IntensityProvider):
                 t = parse_time(point.get("point_time"), self.name)
                 by_time.setdefault(t, parse_value(point.get("value"), self.name, "value") * factor)
         kind: Kind = "forecast" if end > now else "marginal"
-        return sorted(by_time.items()), period_s, kind
+        return sorted(by_time.items()), period_s, kind, f"{self.name}:{SIGNAL_TYPE}"
 
     def _meta(self, body: Any) -> tuple[float, float]:
         """(g/kWh per unit, period in seconds) from an answer's ``meta``; the answer's shape is checked."""

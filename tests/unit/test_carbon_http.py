@@ -429,3 +429,17 @@ def test_wt_from_config(api: FakeAPI) -> None:
     provider = make_provider(config, env={"WATTTIME_USERNAME": USER, "WATTTIME_PASSWORD": PASSWORD})
     figure = provider.intensity("CAISO_NORTH", now - timedelta(minutes=15), now - timedelta(minutes=5))
     assert figure.g_co2_per_kwh == pytest.approx(200 * 0.453592) and figure.kind == "marginal"
+
+
+def test_watttime_names_the_signal_and_region_when_data_are_missing() -> None:
+    """The shared no-data message, in WattTime's words."""
+    from orchestrator.carbon._http import PointsProvider
+    from orchestrator.carbon.watttime import WattTimeProvider
+
+    provider = WattTimeProvider("user", "pw")
+    assert isinstance(provider, PointsProvider)
+    with pytest.raises(CarbonProviderError, match=r"watttime: no co2_moer data for region CAISO_NORTH covering "
+                                                  r".*\(the API returned nothing\) -- it may not be published yet, "
+                                                  r"or the account lacks access to this region"):
+        provider._mean([], 300.0, "CAISO_NORTH", datetime(2026, 1, 1, tzinfo=timezone.utc),
+                       datetime(2026, 1, 1, 1, tzinfo=timezone.utc))
