@@ -31,12 +31,15 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SWEEP_STATUSES: tuple[str, ...] = ("pending", "running", "succeeded", "partial", "failed", "cancelled")
 STAGE_STATUSES: tuple[str, ...] = ("pending", "running", "succeeded", "failed", "skipped", "reused")
+ATTEMPT_STATUSES: tuple[str, ...] = ("running", "succeeded", "failed", "lost", "cancelled")
 
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(column_0_label)s",
@@ -136,6 +139,12 @@ class SweepModel(Base):
     artifact_root: Mapped[str] = mapped_column(Text)
     naive_stage_count: Mapped[int] = mapped_column(Integer)  # stages without prefix sharing
     unique_stage_count: Mapped[int] = mapped_column(Integer)  # stages actually planned
+    # 0003: what `resume` needs, and the coordinator's liveness and cancel flag
+    spec_dir: Mapped[str | None] = mapped_column(Text)  # relative paths in the spec resolve here
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))  # run options: max_attempts, policy...
+    heartbeat_at: Mapped[datetime | None]  # last sign of life of the coordinator running it
+    coordinator: Mapped[str | None] = mapped_column(String(_NAME))  # "host:pid" of that coordinator
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class StageModel(EnergyColumns, Base):
@@ -178,6 +187,75 @@ class StageProgressModel(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)  # e.g. the epoch, from 1
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StageAttemptModel(Base):
+    """One attempt at running a stage: where, when, and how it ended.
+
+    ``status``: ``running`` (dispatched), ``succeeded``, ``failed`` (the stage raised),
+    ``lost`` (its worker or node died, or its coordinator was killed, mid-stage),
+    ``cancelled``. A stage's result is persisted once, on its stage row, however many
+    attempts ran."""
+
+    __tablename__ = "stage_attempts"
+    __table_args__ = (
+        ForeignKeyConstraint(["sweep_id", "stage_key"], ["stages.sweep_id", "stages.key"], ondelete="CASCADE"),
+        _status_check(ATTEMPT_STATUSES),
+    )
+
+    sweep_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    stage_key: Mapped[str] = mapped_column(String(_KEY), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)  # from 1
+    node_id: Mapped[str | None] = mapped_column(String(_ID))
+    status: Mapped[str] = mapped_column(String(_SHORT))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class PlacementModel(Base):
+    """The scheduler's decision for one stage and the carbon-agnostic (``fifo``) choice it
+    replaced, each with its expected carbon: "carbon saved" is a query over these rows.
+    The latest decision for a stage wins (a re-plan overwrites)."""
+
+    __tablename__ = "placements"
+    __table_args__ = (
+        ForeignKeyConstraint(["sweep_id", "stage_key"], ["stages.sweep_id", "stages.key"], ondelete="CASCADE"),
+    )
+
+    sweep_id: Mapped[str] = mapped_column(String(_ID), primary_key=True)
+    stage_key: Mapped[str] = mapped_column(String(_KEY), primary_key=True)
+    policy: Mapped[str] = mapped_column(String(_SHORT))
+    decided_at: Mapped[datetime] = mapped_column(default=utcnow)
+    node_id: Mapped[str] = mapped_column(String(_ID))
+    node_type: Mapped[str | None] = mapped_column(String(_NAME))
+    region: Mapped[str | None] = mapped_column(String(_NAME))
+    start_at: Mapped[datetime]  # planned start
+    expected_duration_s: Mapped[float] = mapped_column(Float)
+    expected_energy_j: Mapped[float] = mapped_column(Float)
+    expected_intensity_g_per_kwh: Mapped[float | None] = mapped_column(Float)
+    expected_carbon_g: Mapped[float | None] = mapped_column(Float)
+    estimate_source: Mapped[str] = mapped_column(String(_SHORT))  # "measured" (store) | "catalog"
+    fifo_node_id: Mapped[str] = mapped_column(String(_ID))
+    fifo_node_type: Mapped[str | None] = mapped_column(String(_NAME))
+    fifo_region: Mapped[str | None] = mapped_column(String(_NAME))
+    fifo_start_at: Mapped[datetime]
+    fifo_expected_energy_j: Mapped[float] = mapped_column(Float)
+    fifo_expected_intensity_g_per_kwh: Mapped[float | None] = mapped_column(Float)
+    fifo_expected_carbon_g: Mapped[float | None] = mapped_column(Float)
+
+
+class ArtifactClaimModel(Base):
+    """A sweep building artifact ``key`` right now. Two sweeps needing the same key build it
+    once: the first claims it, the other waits and then reuses it. A claim whose
+    ``heartbeat_at`` is older than the coordinator timeout is stale and may be taken over."""
+
+    __tablename__ = "artifact_claims"
+
+    key: Mapped[str] = mapped_column(String(_KEY), primary_key=True)
+    sweep_id: Mapped[str] = mapped_column(String(_ID))
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PointModel(Base):

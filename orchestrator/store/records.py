@@ -8,7 +8,7 @@ Units live in field names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -56,6 +56,56 @@ class SweepRecord:
     artifact_root: str
     naive_stage_count: int
     unique_stage_count: int
+    spec_dir: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    heartbeat_at: datetime | None = None
+    coordinator: str | None = None
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt at a stage (``stage_attempts``): ``status`` is running, succeeded,
+    failed, lost (worker, node or coordinator died mid-stage) or cancelled."""
+
+    sweep_id: str
+    stage_key: str
+    attempt: int
+    node_id: str | None
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PlacementRecord:
+    """A placement decision and its ``fifo`` counterfactual (``placements``), with the
+    carbon accounted for the stage once it ran (``measured_carbon_g``)."""
+
+    sweep_id: str
+    stage_key: str
+    kind: str
+    stage_status: str
+    policy: str
+    decided_at: datetime
+    node_id: str
+    node_type: str | None
+    region: str | None
+    start_at: datetime
+    expected_duration_s: float
+    expected_energy_j: float
+    expected_intensity_g_per_kwh: float | None
+    expected_carbon_g: float | None
+    estimate_source: str
+    fifo_node_id: str
+    fifo_node_type: str | None
+    fifo_region: str | None
+    fifo_start_at: datetime
+    fifo_expected_energy_j: float
+    fifo_expected_intensity_g_per_kwh: float | None
+    fifo_expected_carbon_g: float | None
+    measured_carbon_g: float | None
 
 
 @dataclass(frozen=True)
@@ -169,3 +219,7 @@ class ResultRow:
     macs: int | None
     size_bytes: int | None
     materialized: bool | None
+    # Not in ``results --format json`` (RESULT_FIELDS is a stable contract); used by reports.
+    carbon_g_per_sample_std: float | None = None
+    stage_kinds: tuple[str, ...] = ()  # kinds of ``stage_keys``, e.g. ("train", "prune")
+    stage_params: tuple[dict[str, Any], ...] = ()  # their stored (canonical) parameters

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +15,17 @@ from sqlalchemy.orm import Session
 
 from orchestrator.errors import UsageError
 from orchestrator.store.models import (
+    ATTEMPT_STATUSES,
     STAGE_STATUSES,
     SWEEP_STATUSES,
+    ArtifactClaimModel,
     ArtifactModel,
     EnergyColumns,
     MeasurementModel,
     NodeModel,
+    PlacementModel,
     PointModel,
+    StageAttemptModel,
     StageModel,
     StageProgressModel,
     SweepModel,
@@ -29,9 +33,11 @@ from orchestrator.store.models import (
 )
 from orchestrator.store.records import (
     ArtifactRecord,
+    AttemptRecord,
     EnergyRecord,
     MeasurementRecord,
     NodeRecord,
+    PlacementRecord,
     ResultRow,
     StageRecord,
     SweepRecord,
@@ -128,6 +134,8 @@ class Store:
         stages: Sequence[Mapping[str, Any]],
         points: Sequence[Mapping[str, Any]],
         naive_stage_count: int,
+        spec_dir: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         """Record a planned sweep (status ``pending``) with its stages and points, in one
         transaction: on any failure nothing is written.
@@ -148,6 +156,9 @@ class Store:
             "artifact_root": artifact_root,
             "naive_stage_count": naive_stage_count,
             "unique_stage_count": len(stages),
+            "spec_dir": spec_dir,
+            "options": dict(options or {}),
+            "cancel_requested": False,
         }
         stage_rows = [
             {
@@ -199,19 +210,74 @@ class Store:
             else:
                 row.finished_at = None
 
-    def mark_stage_running(self, sweep_id: str, key: str, node_id: str) -> None:
-        """A stage was dispatched to *node_id*: one more attempt, timestamps restarted,
-        the previous attempt's error cleared."""
+    def mark_stage_running(self, sweep_id: str, key: str, node_id: str) -> int:
+        """A stage was dispatched to *node_id*: one more attempt (a ``stage_attempts`` row,
+        status ``running``), timestamps restarted, the previous attempt's error cleared.
+        Returns the attempt's number (from 1)."""
+        return self.mark_stages_running(sweep_id, [(key, node_id)])[key]
+
+    def mark_stages_running(self, sweep_id: str, dispatched: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """:meth:`mark_stage_running` for several ``(key, node_id)`` at once, in one
+        transaction; returns each key's attempt number."""
+        now = utcnow()
+        out: dict[str, int] = {}
         with self._session(write=True) as session:
-            row = self._stage_row(session, sweep_id, key)
-            row.status = "running"
-            row.attempts = StageModel.attempts + 1  # in SQL: no lost increment
-            row.node_id = node_id
-            row.started_at = utcnow()
-            row.finished_at = None
-            row.duration_s = None
-            row.error = None
-            row.traceback = None
+            for key, node_id in dispatched:
+                row = self._stage_row(session, sweep_id, key)
+                last = session.scalar(
+                    select(func.max(StageAttemptModel.attempt)).where(
+                        StageAttemptModel.sweep_id == sweep_id, StageAttemptModel.stage_key == key)
+                ) or 0
+                attempt = max(last, row.attempts or 0) + 1
+                row.status = "running"
+                row.attempts = attempt
+                row.node_id = node_id
+                row.started_at = now
+                row.finished_at = None
+                row.duration_s = None
+                row.error = None
+                row.traceback = None
+                session.add(StageAttemptModel(sweep_id=sweep_id, stage_key=key, attempt=attempt, node_id=node_id,
+                                              status="running", started_at=now))
+                out[key] = attempt
+        return out
+
+    def end_attempt(self, sweep_id: str, key: str, status: str, error: str | None = None,
+                    *, back_to_pending: bool = False) -> None:
+        """Close the stage's open attempt with *status* (``lost`` when its worker died,
+        ``cancelled``...). With *back_to_pending* the stage itself returns to ``pending``
+        (it will be retried); its result, if any comes later, is recorded once."""
+        if status not in ATTEMPT_STATUSES or status == "running":
+            raise ValueError(f"an attempt cannot end as {status!r}")
+        with self._session(write=True) as session:
+            self._close_attempts(session, sweep_id, [key], status, error)
+            if back_to_pending:
+                row = self._stage_row(session, sweep_id, key)
+                row.status = "pending"
+                row.error = _one_line(error)
+
+    def attempts(self, sweep_id: str, key: str | None = None) -> list[AttemptRecord]:
+        """The attempts at the sweep's stages (or one stage), in order."""
+        q = select(StageAttemptModel).where(StageAttemptModel.sweep_id == sweep_id)
+        if key is not None:
+            q = q.where(StageAttemptModel.stage_key == key)
+        with self._session(write=False) as session:
+            rows = session.scalars(q.order_by(StageAttemptModel.stage_key, StageAttemptModel.attempt))
+            return [AttemptRecord(sweep_id=r.sweep_id, stage_key=r.stage_key, attempt=r.attempt, node_id=r.node_id,
+                                  status=r.status, started_at=r.started_at, finished_at=r.finished_at,
+                                  error=r.error) for r in rows]
+
+    @staticmethod
+    def _close_attempts(session: Session, sweep_id: str, keys: Sequence[str], status: str,
+                        error: str | None) -> None:
+        if not keys:
+            return
+        for a in session.scalars(select(StageAttemptModel).where(
+                StageAttemptModel.sweep_id == sweep_id, StageAttemptModel.stage_key.in_(list(keys)),
+                StageAttemptModel.status == "running")):
+            a.status = status
+            a.finished_at = utcnow()
+            a.error = _one_line(error)
 
     def mark_stage_reused(self, sweep_id: str, key: str) -> None:
         """The stage's artifact already exists (an earlier sweep or run made it); the
@@ -240,64 +306,74 @@ class Store:
         stage's measurements become exactly one row per :class:`EvalRepeat`, keyed by
         (sweep, stage key, repeat). Carbon figures already accounted are kept.
         """
+        self.record_stage_results(sweep_id, [result])
+
+    def record_stage_results(self, sweep_id: str, results: Sequence[StageResult]) -> None:
+        """:meth:`record_stage_result` for several results in one transaction (all or none)."""
         now = utcnow()
         with self._session(write=True) as session:
-            row = self._stage_row(session, sweep_id, result.key)
-            if row.kind != result.kind:
-                raise ValueError(
-                    f"result for stage {result.key!r} is a {result.kind!r} result; the stage is a {row.kind!r}"
-                )
-            row.status = result.status
-            row.metrics = dict(result.metrics)
-            row.error = _one_line(result.error)
-            row.traceback = result.traceback
-            row.node_id = result.node_id
-            row.duration_s = result.duration_s
-            row.finished_at = now
-            for column, value in _energy_values(result.energy).items():
-                setattr(row, column, value)
+            for result in results:
+                self._record_result(session, sweep_id, result, now)
 
-            if result.artifact is not None:
-                a = result.artifact
-                values = {
-                    "key": a.key,
-                    "kind": result.kind,
-                    "path": a.path,
-                    "size_bytes": a.size_bytes,
-                    "sha256": a.sha256,
-                    "materialized": a.materialized,
-                    "params": a.params,
-                    "macs": a.macs,
-                    "compression": dict(a.compression),
-                    "created_at": now,
-                    "created_by_sweep": sweep_id,
-                }
-                _upsert(session, ArtifactModel, [values], ("key",), exclude=("created_at", "created_by_sweep"))
-
-            numbers = [r.repeat for r in result.repeats]
-            session.execute(
-                delete(MeasurementModel).where(
-                    MeasurementModel.sweep_id == sweep_id,
-                    MeasurementModel.stage_key == result.key,
-                    MeasurementModel.repeat.not_in(numbers),
-                )
+    def _record_result(self, session: Session, sweep_id: str, result: StageResult, now: Any) -> None:
+        row = self._stage_row(session, sweep_id, result.key)
+        if row.kind != result.kind:
+            raise ValueError(
+                f"result for stage {result.key!r} is a {result.kind!r} result; the stage is a {row.kind!r}"
             )
-            measurement_rows = [
-                {
-                    "sweep_id": sweep_id,
-                    "stage_key": result.key,
-                    "repeat": r.repeat,
-                    "samples": r.samples,
-                    "top1": r.top1,
-                    "top5": r.top5,
-                    "duration_s": r.duration_s,
-                    "time_per_sample_s": r.time_per_sample_s,
-                    "throughput_samples_per_s": r.throughput_samples_per_s,
-                    **_energy_values(r.energy),
-                }
-                for r in result.repeats
-            ]
-            _upsert(session, MeasurementModel, measurement_rows, ("sweep_id", "stage_key", "repeat"))
+        self._close_attempts(session, sweep_id, [result.key],
+                             "succeeded" if result.status == "succeeded" else "failed", result.error)
+        row.status = result.status
+        row.metrics = dict(result.metrics)
+        row.error = _one_line(result.error)
+        row.traceback = result.traceback
+        row.node_id = result.node_id
+        row.duration_s = result.duration_s
+        row.finished_at = now
+        for column, value in _energy_values(result.energy).items():
+            setattr(row, column, value)
+
+        if result.artifact is not None:
+            a = result.artifact
+            values = {
+                "key": a.key,
+                "kind": result.kind,
+                "path": a.path,
+                "size_bytes": a.size_bytes,
+                "sha256": a.sha256,
+                "materialized": a.materialized,
+                "params": a.params,
+                "macs": a.macs,
+                "compression": dict(a.compression),
+                "created_at": now,
+                "created_by_sweep": sweep_id,
+            }
+            _upsert(session, ArtifactModel, [values], ("key",), exclude=("created_at", "created_by_sweep"))
+
+        numbers = [r.repeat for r in result.repeats]
+        session.execute(
+            delete(MeasurementModel).where(
+                MeasurementModel.sweep_id == sweep_id,
+                MeasurementModel.stage_key == result.key,
+                MeasurementModel.repeat.not_in(numbers),
+            )
+        )
+        measurement_rows = [
+            {
+                "sweep_id": sweep_id,
+                "stage_key": result.key,
+                "repeat": r.repeat,
+                "samples": r.samples,
+                "top1": r.top1,
+                "top5": r.top5,
+                "duration_s": r.duration_s,
+                "time_per_sample_s": r.time_per_sample_s,
+                "throughput_samples_per_s": r.throughput_samples_per_s,
+                **_energy_values(r.energy),
+            }
+            for r in result.repeats
+        ]
+        _upsert(session, MeasurementModel, measurement_rows, ("sweep_id", "stage_key", "repeat"))
 
     def record_progress(self, sweep_id: str, key: str, entries: Sequence[Mapping[str, Any]]) -> None:
         """Persist progress reports of a running stage (e.g. one per training epoch).
@@ -346,6 +422,219 @@ class Store:
                 row.intensity_g_per_kwh = intensity.g_co2_per_kwh
                 row.intensity_source = intensity.source
                 row.intensity_kind = intensity.kind
+
+    # ------------------------------------------------- coordinator lifecycle
+
+    def take_sweep(self, sweep_id: str, coordinator: str, *, stale_after_s: float,
+                   gone: Callable[[str | None], bool] = lambda owner: False) -> None:
+        """Make *coordinator* (``host:pid``) the one running *sweep_id*: status ``running``,
+        a fresh heartbeat, the cancel flag cleared.
+
+        Refused (:class:`UsageError`) while another coordinator's heartbeat is younger
+        than *stale_after_s* and *gone* (owner) is false -- two coordinators never drive one
+        sweep. One transaction
+        (``BEGIN IMMEDIATE`` on SQLite, a row lock on PostgreSQL), so two concurrent
+        ``resume`` calls cannot both win.
+        """
+        now = utcnow()
+        with self._session(write=True) as session:
+            row = session.scalars(select(SweepModel).where(SweepModel.id == sweep_id).with_for_update()).first()
+            if row is None:
+                raise UsageError(f"no sweep {sweep_id!r} in this store -- list sweeps with: greensweep status")
+            if (row.coordinator and row.coordinator != coordinator and row.heartbeat_at is not None
+                    and row.status == "running" and (now - row.heartbeat_at).total_seconds() < stale_after_s
+                    and not gone(row.coordinator)):
+                age = (now - row.heartbeat_at).total_seconds()
+                raise UsageError(
+                    f"sweep {sweep_id} is being run by coordinator {row.coordinator} (alive {age:.0f}s ago) -- "
+                    f"wait for it, or stop it with: greensweep cancel {sweep_id}"
+                )
+            row.coordinator = coordinator
+            row.heartbeat_at = now
+            row.cancel_requested = False
+            row.status = "running"
+            row.started_at = row.started_at or now
+            row.finished_at = None
+
+    def heartbeat(self, sweep_id: str, claimed_keys: Sequence[str] = ()) -> bool:
+        """The coordinator is alive: stamp the sweep's heartbeat and those of the artifact
+        claims it holds. Returns True when a cancel was requested (``greensweep cancel``)."""
+        now = utcnow()
+        with self._session(write=True) as session:
+            row = self._sweep_row(session, sweep_id)
+            row.heartbeat_at = now
+            if claimed_keys:
+                for claim in session.scalars(select(ArtifactClaimModel).where(
+                        ArtifactClaimModel.key.in_(list(claimed_keys)), ArtifactClaimModel.sweep_id == sweep_id)):
+                    claim.heartbeat_at = now
+            return bool(row.cancel_requested)
+
+    def request_cancel(self, sweep_id: str, *, stale_after_s: float,
+                       gone: Callable[[str | None], bool] = lambda owner: False) -> str:
+        """Ask the coordinator running *sweep_id* to stop. Returns what happened:
+        ``requested`` (a live coordinator will stop it), ``cancelled`` (nobody was running
+        it: it is marked cancelled now, its running stages and attempts closed), or
+        ``already-<status>`` when the sweep had already ended (nothing changes)."""
+        now = utcnow()
+        with self._session(write=True) as session:
+            row = self._sweep_row(session, sweep_id)
+            if row.status in _TERMINAL_SWEEP_STATUSES:
+                return f"already-{row.status}"
+            alive = (row.status == "running" and row.heartbeat_at is not None
+                     and (now - row.heartbeat_at).total_seconds() < stale_after_s and not gone(row.coordinator))
+            if alive:
+                row.cancel_requested = True
+                return "requested"
+            running = [st for st in session.scalars(select(StageModel).where(
+                StageModel.sweep_id == sweep_id, StageModel.status == "running"))]
+            self._close_attempts(session, sweep_id, [st.key for st in running], "cancelled", "sweep cancelled")
+            for st in running:
+                st.status = "pending"
+            self._release_claims(session, sweep_id)
+            row.status = "cancelled"
+            row.cancel_requested = False
+            row.finished_at = now
+            return "cancelled"
+
+    def release_sweep(self, sweep_id: str, status: str) -> None:
+        """The coordinator is done with the sweep (any terminal status): its artifact
+        claims are released and the heartbeat cleared."""
+        if status not in _TERMINAL_SWEEP_STATUSES:
+            raise ValueError(f"release_sweep needs a terminal status, not {status!r}")
+        with self._session(write=True) as session:
+            row = self._sweep_row(session, sweep_id)
+            self._release_claims(session, sweep_id)
+            row.status = status
+            row.finished_at = utcnow()
+            row.heartbeat_at = None
+            row.cancel_requested = False
+
+    def interrupted_stages(self, sweep_id: str) -> list[str]:
+        """For ``resume``: stages left ``running`` by a dead coordinator go back to
+        ``pending`` and their open attempts end as ``lost``. Returns their keys."""
+        with self._session(write=True) as session:
+            running = list(session.scalars(select(StageModel).where(
+                StageModel.sweep_id == sweep_id, StageModel.status == "running")))
+            keys = [st.key for st in running]
+            self._close_attempts(session, sweep_id, keys, "lost", "the coordinator stopped while the stage ran")
+            for st in running:
+                st.status = "pending"
+            return keys
+
+    # ------------------------------------------------------- artifact claims
+
+    def claim_artifact(self, key: str, sweep_id: str, *, stale_after_s: float) -> str | None:
+        """Claim the right to build artifact *key* for *sweep_id*. Returns None when this
+        sweep holds the claim (new, already its own, or taken over from a claim whose
+        heartbeat is older than *stale_after_s*), else the id of the sweep building it."""
+        now = utcnow()
+        with self._session(write=True) as session:
+            statement = _dialect_insert(session, ArtifactClaimModel).values(
+                key=key, sweep_id=sweep_id, claimed_at=now, heartbeat_at=now).on_conflict_do_nothing(
+                index_elements=["key"])
+            session.execute(statement)
+            claim = session.scalars(
+                select(ArtifactClaimModel).where(ArtifactClaimModel.key == key).with_for_update()).one()
+            if claim.sweep_id == sweep_id:
+                claim.heartbeat_at = now
+                return None
+            if (now - claim.heartbeat_at).total_seconds() >= stale_after_s:
+                claim.sweep_id, claim.claimed_at, claim.heartbeat_at = sweep_id, now, now
+                return None
+            return claim.sweep_id
+
+    def release_artifact(self, key: str, sweep_id: str) -> None:
+        """Drop this sweep's claim on *key* (built, failed or abandoned)."""
+        with self._session(write=True) as session:
+            session.execute(delete(ArtifactClaimModel).where(
+                ArtifactClaimModel.key == key, ArtifactClaimModel.sweep_id == sweep_id))
+
+    @staticmethod
+    def _release_claims(session: Session, sweep_id: str) -> None:
+        session.execute(delete(ArtifactClaimModel).where(ArtifactClaimModel.sweep_id == sweep_id))
+
+    # ------------------------------------------------------------ placements
+
+    def record_placement(self, sweep_id: str, placement: Mapping[str, Any]) -> None:
+        """Store the scheduler's decision for one stage (the columns of
+        :class:`~orchestrator.store.records.PlacementRecord` except ``sweep_id`` and
+        ``measured_carbon_g``); a later decision for the same stage replaces it."""
+        row = {"sweep_id": sweep_id, "decided_at": utcnow(), **placement}
+        with self._session(write=True) as session:
+            _upsert(session, PlacementModel, [row], ("sweep_id", "stage_key"))
+
+    def placements(self, sweep_id: str) -> list[PlacementRecord]:
+        """The sweep's placement decisions, each with the carbon measured for the stage
+        (None until accounted), in plan order."""
+        with self._session(write=False) as session:
+            rows = session.execute(
+                select(PlacementModel, StageModel.kind, StageModel.carbon_g, StageModel.status)
+                .join(StageModel, (StageModel.sweep_id == PlacementModel.sweep_id)
+                      & (StageModel.key == PlacementModel.stage_key))
+                .where(PlacementModel.sweep_id == sweep_id)
+                .order_by(StageModel.position)
+            ).all()
+            out = []
+            for p, kind, carbon, status in rows:
+                values = {c.name: getattr(p, c.name) for c in PlacementModel.__table__.columns}
+                out.append(PlacementRecord(**values, kind=kind, stage_status=status, measured_carbon_g=carbon))
+            return out
+
+    def stage_durations(self, limit: int = 5000) -> list[tuple[str, str | None, float, float | None]]:
+        """``(kind, node_type, duration_s, energy_j)`` of the most recent succeeded stages
+        that ran on a known node: what the scheduler expects of a kind on a node type."""
+        with self._session(write=False) as session:
+            rows = session.execute(
+                select(StageModel, NodeModel.node_type)
+                .join(NodeModel, NodeModel.node_id == StageModel.node_id)
+                .where(StageModel.status == "succeeded", StageModel.duration_s > 0)
+                .order_by(StageModel.finished_at.desc())
+                .limit(limit)
+            ).all()
+            return [(st.kind, node_type, st.duration_s, _total_energy_j(st)) for st, node_type in rows]
+
+    def carbon_savings(self, sweep_id: str) -> dict[str, Any] | None:
+        """What carbon-aware placement chose against the ``fifo`` counterfactual, as a
+        JSON-able dict (``greensweep carbon savings``, the HTML report); None when the
+        sweep recorded no placement decisions.
+
+        ``expected_carbon_g`` and ``fifo_expected_carbon_g`` sum the scheduler's expected
+        carbon of the placed stages with both decisions; ``measured_carbon_g`` sums what
+        was accounted for the stages that ran (None when none was). The fifo figure is a
+        counterfactual estimate: the stage did not run there."""
+        placed = self.placements(sweep_id)
+        if not placed:
+            return None
+        def total(values: list[float | None]) -> float | None:
+            known = [v for v in values if v is not None]
+            return sum(known) if known else None
+        expected = total([p.expected_carbon_g for p in placed])
+        fifo = total([p.fifo_expected_carbon_g for p in placed])
+        measured = total([p.measured_carbon_g for p in placed])
+        saved = (fifo - expected) if expected is not None and fifo is not None else None
+        return {
+            "sweep_id": sweep_id,
+            "policy": placed[0].policy,
+            "stages": [
+                {"key": p.stage_key, "kind": p.kind, "status": p.stage_status, "node_id": p.node_id,
+                 "node_type": p.node_type, "region": p.region, "start": p.start_at.isoformat(),
+                 "expected_duration_s": p.expected_duration_s, "expected_energy_j": p.expected_energy_j,
+                 "expected_intensity_g_per_kwh": p.expected_intensity_g_per_kwh,
+                 "expected_carbon_g": p.expected_carbon_g, "measured_carbon_g": p.measured_carbon_g,
+                 "estimate_source": p.estimate_source, "fifo_node_id": p.fifo_node_id,
+                 "fifo_node_type": p.fifo_node_type, "fifo_region": p.fifo_region,
+                 "fifo_start": p.fifo_start_at.isoformat(),
+                 "fifo_expected_intensity_g_per_kwh": p.fifo_expected_intensity_g_per_kwh,
+                 "fifo_expected_carbon_g": p.fifo_expected_carbon_g,
+                 "moved": p.node_id != p.fifo_node_id or p.start_at != p.fifo_start_at}
+                for p in placed
+            ],
+            "expected_carbon_g": expected,
+            "fifo_expected_carbon_g": fifo,
+            "measured_carbon_g": measured,
+            "saved_expected_g": saved,
+            "saved_expected_pct": (100.0 * saved / fifo) if saved is not None and fifo else None,
+        }
 
     def upsert_node(
         self,
@@ -624,6 +913,11 @@ def _sweep_record(row: SweepModel) -> SweepRecord:
         artifact_root=row.artifact_root,
         naive_stage_count=row.naive_stage_count,
         unique_stage_count=row.unique_stage_count,
+        spec_dir=row.spec_dir,
+        options=dict(row.options or {}),
+        heartbeat_at=row.heartbeat_at,
+        coordinator=row.coordinator,
+        cancel_requested=bool(row.cancel_requested),
     )
 
 
@@ -755,6 +1049,7 @@ def _result_row(
     net_per_sample = [
         net / m.samples for m in measurements if (net := _net_energy_j(m)) is not None and m.samples > 0
     ]
+    carbon_per_sample = _per_sample(measurements, "carbon_g")
     facts: Mapping[str, Any] = (
         {
             "params": artifact.params,
@@ -793,7 +1088,8 @@ def _result_row(
         dram_energy_per_sample_j=_mean(_per_sample(measurements, "dram_energy_j")),
         energy_source=sources,
         idle_power_w=idle_w,
-        carbon_g_per_sample=_mean(_per_sample(measurements, "carbon_g")),
+        carbon_g_per_sample=_mean(carbon_per_sample),
+        carbon_g_per_sample_std=_std(carbon_per_sample),
         intensity_g_per_kwh=first.intensity_g_per_kwh if first is not None else None,
         intensity_source=first.intensity_source if first is not None else None,
         intensity_kind=first.intensity_kind if first is not None else None,
@@ -801,6 +1097,8 @@ def _result_row(
         macs=facts.get("macs"),
         size_bytes=facts.get("size_bytes"),
         materialized=facts.get("materialized"),
+        stage_kinds=tuple(stages[k].kind if k in stages else "" for k in point.stage_keys),
+        stage_params=tuple(dict(stages[k].params) if k in stages else {} for k in point.stage_keys),
     )
 
 

@@ -20,7 +20,8 @@ from orchestrator.store.models import Base
 from workers.types import ArtifactInfo, EnergyReading, EvalRepeat, StageResult
 
 POSTGRES_ENV = "GREENSWEEP_TEST_POSTGRES_URL"
-TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "stage_progress", "alembic_version"}
+TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "stage_progress",
+          "stage_attempts", "placements", "artifact_claims", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -166,7 +167,7 @@ def test_open_creates_schema_on_empty_database(db_url: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
-    assert current(db_url) == head() == "0002"
+    assert current(db_url) == head() == "0003"
     assert upgrade(db_url) == head()  # idempotent
 
 
