@@ -35,7 +35,11 @@ class StageWorker:
     persists it.
     """
 
-    def __init__(self, node_id: str, labels: Mapping[str, str], num_threads: int, device: str = "cpu") -> None:
+    def __init__(self, node_id: str, labels: Mapping[str, str], num_threads: int, device: str = "cpu",
+                 cache_root: str | None = None) -> None:
+        """*cache_root*: when set, nodes share no disk with the coordinator: stages read
+        and write artifacts under this node-local directory, parents arrive as packed
+        bytes through the object store and results carry their artifact back."""
         import torch
 
         torch.set_num_threads(max(1, num_threads))
@@ -43,6 +47,7 @@ class StageWorker:
         self._hardware: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._progress: list[tuple[str, dict[str, Any]]] = []
+        self.cache_root = cache_root
 
     def describe(self) -> dict[str, Any]:
         """Hardware facts of this node, read on the node itself."""
@@ -58,7 +63,27 @@ class StageWorker:
             out, self._progress = self._progress, []
         return out
 
-    def run(self, task: StageTask) -> StageResult:
+    def run(self, task: StageTask, ship_keys: tuple[str, ...] = (), *blobs: bytes) -> StageResult:
+        """Run one stage. *ship_keys* / *blobs*: artifacts the stage reads, packed by the
+        coordinator (no shared disk); they are installed under the node's cache first."""
+        if self.cache_root is None:
+            return self._run(task)
+        from workers.artifacts import pack, unpack
+
+        task = dataclasses.replace(task, artifact_root=self.cache_root)
+        try:
+            for key, blob in zip(ship_keys, blobs):
+                unpack(self.cache_root, key, blob)
+        except Exception as e:  # noqa: BLE001 - reported as the stage's failure
+            return StageResult(key=task.key, kind=task.kind, status="failed", duration_s=0.0,
+                               node_id=self.env.node_id, error=f"receiving its input artifact: {one_line(e)}",
+                               traceback=traceback.format_exc())
+        result = self._run(task)
+        if result.status == "succeeded" and result.artifact is not None:
+            result = dataclasses.replace(result, artifact_blob=pack(self.cache_root, task.key))
+        return result
+
+    def _run(self, task: StageTask) -> StageResult:
         from workers.stages.registry import get_kind
 
         def report(entry: Mapping[str, Any]) -> None:

@@ -50,3 +50,71 @@ def verified_manifest(root: str | Path, key: str) -> dict[str, Any] | None:
     if sha256_file(artifact_dir(root, key) / WEIGHTS_FILE) != manifest.get("sha256"):
         return None
     return manifest
+
+
+# -- moving artifacts between nodes without a shared disk ---------------------------------
+
+ARTIFACT_FILES = (WEIGHTS_FILE, STRUCTURE_FILE, MANIFEST_FILE)
+
+
+class ArtifactTransferError(Exception):
+    """A shipped artifact is incomplete, malformed, or fails its checksum."""
+
+
+def pack(root: str | Path, key: str) -> bytes:
+    """The artifact *key* under *root* as one uncompressed tar (its three files only),
+    for the Ray object store. Refuses an artifact that fails its checksum."""
+    import io
+    import tarfile
+
+    if verified_manifest(root, key) is None:
+        raise ArtifactTransferError(f"artifact {key} under {root} is missing or fails its checksum")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ARTIFACT_FILES:
+            tar.add(str(artifact_dir(root, key) / name), arcname=name, recursive=False)
+    return buf.getvalue()
+
+
+def unpack(root: str | Path, key: str, blob: bytes) -> dict[str, Any]:
+    """Install a :func:`pack`-ed artifact as ``<root>/<key>`` and return its manifest.
+
+    Only the three artifact files, as regular files without paths, are accepted; the
+    weights must match the manifest's sha256; the directory appears by atomic rename, so
+    a reader never sees half of it. An artifact already present and verified is kept.
+    """
+    import io
+    import os
+    import shutil
+    import tarfile
+    import tempfile
+
+    present = verified_manifest(root, key)
+    if present is not None:
+        return present
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=root))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+            members = tar.getmembers()
+            names = sorted(m.name for m in members)
+            if names != sorted(ARTIFACT_FILES) or not all(m.isfile() for m in members):
+                raise ArtifactTransferError(f"shipped artifact {key} holds {names}, not the artifact files")
+            for m in members:
+                src = tar.extractfile(m)
+                assert src is not None
+                with open(tmp / m.name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        if verified_manifest(tmp.parent, tmp.name) is None:
+            raise ArtifactTransferError(f"shipped artifact {key} fails its checksum")
+        try:
+            os.rename(tmp, artifact_dir(root, key))
+        except OSError:
+            if verified_manifest(root, key) is None:  # not someone else's identical copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = verified_manifest(root, key)
+    if manifest is None:
+        raise ArtifactTransferError(f"artifact {key} could not be installed under {root}")
+    return manifest

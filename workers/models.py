@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -531,7 +532,21 @@ def _submodule(model: nn.Module, name: str, structure: Mapping[str, Any]) -> nn.
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+def check_checkpoint(path: str) -> None:
+    """Refuse a checkpoint that :func:`_read_checkpoint` would refuse, without reading its
+    tensors (a safetensors header; a torch zip file memory-mapped), so a bad or unsafe
+    file is caught when the spec is checked rather than on a worker."""
+    if path.endswith(".safetensors"):
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
+            raise ArtifactLoadError(f"checkpoint {path} is not a readable safetensors file: {first_line(e)}") from e
+        return
+    _read_checkpoint(path, mmap=zipfile.is_zipfile(path))
+
+
+def _read_checkpoint(path: str, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from a local checkpoint file, without ever executing code from it."""
     if not Path(path).is_file():
         raise ArtifactLoadError(f"checkpoint {path} does not exist; fix the model's `checkpoint:` path")
@@ -541,7 +556,7 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
             raise ArtifactLoadError(f"checkpoint {path} is not a readable safetensors file: {first_line(e)}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ArtifactLoadError(
             f"checkpoint {path} is not weights-only (loading it would run code from the file), so it was refused; "

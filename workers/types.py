@@ -163,6 +163,9 @@ class StageResult:
     error: str | None = None  # one line
     traceback: str | None = None
     hardware: Mapping[str, Any] = field(default_factory=dict)
+    # the artifact itself (workers.artifacts.pack), when the coordinator asked for it back
+    # because nodes share no disk; the coordinator installs it and drops the bytes
+    artifact_blob: bytes | None = None
 
 
 @dataclass(frozen=True)

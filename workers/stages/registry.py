@@ -152,6 +152,14 @@ class EvaluateParams(_Params):
     idle_s: float = Field(2.0, ge=0, le=600)
 
 
+class NoopParams(_Params):
+    """A stage that does nothing and returns at once: it measures what the machinery
+    itself costs per stage (``benchmarks/overhead.py``). ``index`` only tells otherwise
+    identical stages apart, so each gets its own key."""
+
+    index: int = Field(0, ge=0)
+
+
 @dataclass(frozen=True)
 class StageKind:
     name: str
@@ -161,6 +169,9 @@ class StageKind:
     runner: str
     produces_artifact: bool
     flexible: bool  # may run on any capable node (False: pinned to params.target)
+    # Internal kinds (benchmarks, tests) that a sweep spec may not name: the spec's kind
+    # lookup goes through PIPELINE_KINDS, which leaves them out.
+    hidden: bool = False
 
     def load_runner(self) -> Callable[..., Any]:
         module, _, func = self.runner.partition(":")
@@ -176,16 +187,20 @@ STAGE_KINDS: dict[str, StageKind] = {
         StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True),
         StageKind("distill", DistillParams, "workers.stages.distill:run", True, True),
         StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False),
+        StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True, hidden=True),
     )
 }
 
 # Kinds a user may place inside a pipeline (train is the sweep's baseline; evaluate is
-# added by the planner for every target).
-PIPELINE_KINDS: tuple[str, ...] = tuple(k for k in STAGE_KINDS if k not in ("train", "evaluate"))
+# added by the planner for every target; hidden kinds are not for specs).
+PIPELINE_KINDS: tuple[str, ...] = tuple(
+    k for k, kind in STAGE_KINDS.items() if k not in ("train", "evaluate") and not kind.hidden
+)
 
 
 def get_kind(name: str) -> StageKind:
     try:
         return STAGE_KINDS[name]
     except KeyError:
-        raise KeyError(f"unknown stage kind {name!r}; known kinds: {', '.join(STAGE_KINDS)}") from None
+        known = ", ".join(k for k, kind in STAGE_KINDS.items() if not kind.hidden)
+        raise KeyError(f"unknown stage kind {name!r}; known kinds: {known}") from None

@@ -1,0 +1,15 @@
+"""The ``noop`` stage: returns at once, with no artifact and no measurement.
+
+It exists to measure the machinery rather than the work: a sweep of noop stages costs
+exactly what dispatching, running on a worker actor, collecting and persisting a stage
+costs (``benchmarks/overhead.py``). The kind is hidden: a sweep spec cannot name it.
+"""
+
+from __future__ import annotations
+
+from workers.types import StageOutput, StageTask, WorkerEnv
+
+
+def run(task: StageTask, env: WorkerEnv) -> StageOutput:
+    """Do nothing; the metrics echo the stage's index so a persisted row is traceable."""
+    return StageOutput(metrics={"index": int(task.params.get("index", 0))})
