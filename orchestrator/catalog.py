@@ -42,6 +42,7 @@ class NodeType(_Strict):
     gpu_power_w: float = Field(default=0.0, ge=0)
     num_cpus: int = Field(ge=1)
     num_gpus: int = Field(default=0, ge=0)
+    relative_speed: float = Field(default=1.0, gt=0)  # nominal throughput factor for expected durations
     default_region: str | None = None
     description: str | None = None
 

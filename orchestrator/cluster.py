@@ -90,10 +90,12 @@ def connect(
     common: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         if address is None:
+            _loopback_only()
             labels = {NODE_TYPE_LABEL: LOCAL_NODE_TYPE}
             if region:
                 labels[REGION_LABEL] = region
             ray.init(
+                address="local",  # a new Ray of our own, even when another runs on this machine
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 labels=labels,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
@@ -111,6 +113,21 @@ def connect(
         ) from None
 
 
+def _loopback_only() -> None:
+    """Make the Ray this process starts bind and advertise 127.0.0.1 only.
+
+    Without this, Ray ignores ``_node_ip_address`` for its listeners: the GCS, raylet and
+    workers listen on every interface (``::``) and the node advertises the outbound
+    address -- a local sweep reachable from the network. The environment variable is
+    inherited by every raylet and worker started afterwards; the constant is read once,
+    at import, so a process that imported Ray earlier needs it patched too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_simulated(path: Path | str) -> None:
     """Start the simulated heterogeneous cluster described by *path* on this host and
     connect this process to it.
@@ -124,16 +141,9 @@ def start_simulated(path: Path | str) -> None:
     from orchestrator.catalog import load_simulated_cluster
 
     sim = load_simulated_cluster(path)
-    # Resolve node IPs to loopback (Ray otherwise probes the outbound interface); set before
-    # Ray reads its constants, and inherited by every raylet and worker started below.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    _loopback_only()
     import ray
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
-
-    # Ray reads the variable once, at import; a process that imported Ray earlier (a test
-    # run, a notebook) would otherwise advertise the head's GCS on a non-loopback address.
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
     if ray.is_initialized() or _simulated is not None:
         raise ClusterError("Ray is already running in this process -- shut it down before starting a simulated cluster")

@@ -65,9 +65,17 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else exc.__class__.__name__
 
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# The password runs to the *last* '@' of the URL: an unencoded '@' or '/' in a password
+# ("u:p@ss/word@host") must not leave a piece of it showing. Over-masking a URL that has
+# no password but an '@' later on (rare) costs readability, never a secret.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s'\"]*):(?P<pw>[^\s'\"]*)@")
+# libpq (and SQLAlchemy) also take a password as a query parameter: ...?password=...
+_QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|sslpassword|token|api_?key|secret)=)[^&;\s'\"]*",
+                           re.IGNORECASE)
 
 
 def mask_url(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@host`` in *text* with ``***``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    """Replace the password of every ``scheme://user:password@host`` in *text*, and the
+    value of every ``password=`` (or token/secret) URL query parameter, with ``***``."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", text)

@@ -37,7 +37,7 @@ import re
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -102,6 +102,14 @@ class _LimitsSection(_Strict):
     max_points: int = Field(DEFAULT_MAX_POINTS, ge=1)
 
 
+class _SchedulingSection(_Strict):
+    policy: Literal["fifo", "greedy-carbon", "carbon-deadline"] | None = None
+    deadline_h: float | None = Field(None, gt=0, le=24 * 365)
+    max_attempts: int = Field(3, ge=1, le=100)
+    stage_timeout_h: float = Field(24.0, gt=0, le=24 * 30)
+    flexible: list[str] = Field(default_factory=list)
+
+
 class _SpecFile(_Strict):
     name: str = Field(min_length=1, max_length=200)
     seed: int = 0
@@ -113,6 +121,7 @@ class _SpecFile(_Strict):
     store: str | None = None
     carbon: Any = None  # validated by orchestrator.carbon.parse_carbon_config
     limits: _LimitsSection = Field(default_factory=_LimitsSection)
+    scheduling: _SchedulingSection = Field(default_factory=_SchedulingSection)
 
 
 # -- validated, frozen domain objects ----------------------------------------------------
@@ -185,6 +194,20 @@ class EvaluateSpec:
 
 
 @dataclass(frozen=True)
+class SchedulingSpec:
+    """The ``scheduling:`` section. ``policy`` None means: ``greedy-carbon`` when the spec
+    has a ``carbon:`` section (``carbon-deadline`` when it also gives ``deadline_h``), else
+    ``fifo``. ``flexible`` names extra stage kinds that may wait for a cleaner window
+    (train, finetune and distill always may)."""
+
+    policy: str | None = None
+    deadline_h: float | None = None
+    max_attempts: int = 3
+    stage_timeout_h: float = 24.0
+    flexible: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     seed: int
@@ -201,6 +224,7 @@ class SweepSpec:
     # sha256 of every file a stage parameter names ("checkpoint:<path>" teachers), so
     # stage keys follow file content, not file names.
     file_sha256: Mapping[str, str] = field(default_factory=dict)
+    scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
 
     @property
     def spec_hash(self) -> str:
@@ -370,6 +394,18 @@ def _check_arch(arch: str) -> None:
         raise SpecError(f"model.arch: unknown timm architecture {arch!r}{hint} -- see timm.list_models()")
 
 
+def _check_checkpoint(path: str) -> None:
+    """The checkpoint must load weights-only (never unpickling code); checked now, not on
+    a worker after the cluster started."""
+    from orchestrator.errors import ArtifactError
+    from workers.models import ArtifactLoadError, check_checkpoint
+
+    try:
+        check_checkpoint(path)
+    except ArtifactLoadError as e:
+        raise ArtifactError(f"model.checkpoint: {e}") from None
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -396,6 +432,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (each key may appear once per mapping)", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise SpecError(f"spec expands to {size:,} YAML nodes through its aliases (&anchor / *alias), over "
+                            f"{MAX_YAML_NODES:,} -- write the values out instead of nesting aliases")
+        return self.construct_document(node)
+
+
+MAX_YAML_NODES = 100_000  # a real spec has hundreds; an alias bomb has billions
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes *node* stands for once every alias is expanded (shared nodes counted each
+    time they are referenced), computed without expanding anything."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once rather than looping
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        total = 1
+    memo[key] = min(total, 10 * MAX_YAML_NODES)
+    return memo[key]
 
 
 def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True) -> SweepSpec:
@@ -434,6 +500,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
         raise SpecError("model: give either 'checkpoint' or 'pretrained: true', not both")
     if check_arch:
         _check_arch(f.model.arch)
+        if checkpoint is not None:
+            _check_checkpoint(checkpoint)
 
     dataset_options = dict(f.dataset.options)
     if isinstance(dataset_options.get("root"), str):
@@ -493,6 +561,20 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             msg = str(e)
             raise SpecError(msg if msg.startswith("carbon") else f"carbon: {msg}") from None
 
+    sched = f.scheduling
+    movable = ("train", *PIPELINE_KINDS)
+    for i, kind in enumerate(sched.flexible):
+        if kind not in movable:
+            raise SpecError(f"scheduling.flexible[{i}]: {kind!r} cannot be flexible -- one of: {', '.join(movable)}")
+    if sched.policy in ("greedy-carbon", "carbon-deadline") and carbon is None:
+        raise SpecError(f"scheduling.policy: {sched.policy!r} needs carbon intensity data -- add a carbon: "
+                        "section (e.g. carbon: {provider: static}) or use policy: fifo")
+    if sched.policy == "carbon-deadline" and sched.deadline_h is None:
+        raise SpecError("scheduling.deadline_h: policy 'carbon-deadline' needs a deadline -- give "
+                        "deadline_h (hours from the sweep's start) or use policy: greedy-carbon")
+    scheduling = SchedulingSpec(policy=sched.policy, deadline_h=sched.deadline_h, max_attempts=sched.max_attempts,
+                                stage_timeout_h=sched.stage_timeout_h, flexible=tuple(sched.flexible))
+
     spec = SweepSpec(
         name=f.name,
         seed=f.seed,
@@ -516,6 +598,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
         checkpoint_sha256=checkpoint_sha,
         carbon=carbon,
         file_sha256=digests,
+        scheduling=scheduling,
     )
     n = count_points(spec)
     if n > spec.max_points:

@@ -8,13 +8,13 @@ cluster. Rules (DESIGN.md, data flow step 5):
 - flexible kinds run on any node, GPU nodes first (training is faster there);
 - among equals, the first in the stable slot order wins.
 
-Carbon-aware choice of node and start time plugs in here (a later issue).
+Carbon-aware choice of node and start time: :mod:`orchestrator.scheduler.online`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 from orchestrator.cluster import NodeInfo
 from workers.stages.registry import get_kind
@@ -22,11 +22,12 @@ from workers.stages.registry import get_kind
 
 @dataclass(eq=False)
 class Slot:
-    """A worker actor on one node; ``busy_key`` is the stage it runs, None when free."""
+    """A worker actor on one node; ``busy_keys`` are the stages dispatched to it and not
+    yet collected (the first runs, the others wait their turn on the actor)."""
 
     node: NodeInfo
     handle: Any
-    busy_key: str | None = None
+    busy_keys: list[str] = field(default_factory=list)
 
 
 def compatible(stage: Any, node: NodeInfo) -> bool:
@@ -35,8 +36,12 @@ def compatible(stage: Any, node: NodeInfo) -> bool:
     return node.node_type == stage.target
 
 
-def choose_slot(stage: Any, free: Sequence[Slot]) -> Slot | None:
+def choose_slot(stage: Any, free: Sequence[Slot], load: Mapping[int, int] | None = None) -> Slot | None:
+    """The ``fifo`` choice: the least-loaded compatible slot, GPU nodes first, then the
+    stable slot order. *load* maps ``id(slot)`` to stages already queued on it (default:
+    its ``busy_keys``)."""
     candidates = [s for s in free if compatible(stage, s.node)]
     if not candidates:
         return None
-    return sorted(candidates, key=lambda s: -s.node.num_gpus)[0]
+    queued = (lambda s: load.get(id(s), 0)) if load is not None else (lambda s: len(s.busy_keys))
+    return min(candidates, key=lambda s: (queued(s), -s.node.num_gpus))

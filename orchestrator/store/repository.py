@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.errors import UsageError
@@ -218,28 +218,29 @@ class Store:
 
     def mark_stages_running(self, sweep_id: str, dispatched: Sequence[tuple[str, str]]) -> dict[str, int]:
         """:meth:`mark_stage_running` for several ``(key, node_id)`` at once, in one
-        transaction; returns each key's attempt number."""
+        transaction of a few bulk statements; returns each key's attempt number."""
+        if not dispatched:
+            return {}
         now = utcnow()
-        out: dict[str, int] = {}
+        keys = [k for k, _ in dispatched]
         with self._session(write=True) as session:
-            for key, node_id in dispatched:
-                row = self._stage_row(session, sweep_id, key)
-                last = session.scalar(
-                    select(func.max(StageAttemptModel.attempt)).where(
-                        StageAttemptModel.sweep_id == sweep_id, StageAttemptModel.stage_key == key)
-                ) or 0
-                attempt = max(last, row.attempts or 0) + 1
-                row.status = "running"
-                row.attempts = attempt
-                row.node_id = node_id
-                row.started_at = now
-                row.finished_at = None
-                row.duration_s = None
-                row.error = None
-                row.traceback = None
-                session.add(StageAttemptModel(sweep_id=sweep_id, stage_key=key, attempt=attempt, node_id=node_id,
-                                              status="running", started_at=now))
-                out[key] = attempt
+            counted = dict(session.execute(select(StageModel.key, StageModel.attempts).where(
+                StageModel.sweep_id == sweep_id, StageModel.key.in_(keys))).all())
+            for key in keys:
+                if key not in counted:
+                    self._stage_row(session, sweep_id, key)  # raises the one-line UsageError
+            last = dict(session.execute(
+                select(StageAttemptModel.stage_key, func.max(StageAttemptModel.attempt))
+                .where(StageAttemptModel.sweep_id == sweep_id, StageAttemptModel.stage_key.in_(keys))
+                .group_by(StageAttemptModel.stage_key)).all())
+            out = {k: max(last.get(k) or 0, counted[k] or 0) + 1 for k in keys}
+            session.execute(update(StageModel), [
+                {"sweep_id": sweep_id, "key": k, "status": "running", "attempts": out[k], "node_id": node_id,
+                 "started_at": now, "finished_at": None, "duration_s": None, "error": None, "traceback": None}
+                for k, node_id in dispatched])
+            session.execute(insert(StageAttemptModel), [
+                {"sweep_id": sweep_id, "stage_key": k, "attempt": out[k], "node_id": node_id, "status": "running",
+                 "started_at": now} for k, node_id in dispatched])
         return out
 
     def end_attempt(self, sweep_id: str, key: str, status: str, error: str | None = None,
@@ -309,47 +310,52 @@ class Store:
         self.record_stage_results(sweep_id, [result])
 
     def record_stage_results(self, sweep_id: str, results: Sequence[StageResult]) -> None:
-        """:meth:`record_stage_result` for several results in one transaction (all or none)."""
+        """:meth:`record_stage_result` for several results in one transaction (all or
+        none), written with bulk statements: one stage-row UPDATE for all, one attempt
+        UPDATE per outcome, one artifact upsert; measurements per evaluation."""
+        if not results:
+            return
         now = utcnow()
+        keys = [r.key for r in results]
         with self._session(write=True) as session:
-            for result in results:
-                self._record_result(session, sweep_id, result, now)
+            kinds = dict(session.execute(select(StageModel.key, StageModel.kind).where(
+                StageModel.sweep_id == sweep_id, StageModel.key.in_(keys))).all())
+            for r in results:
+                if r.key not in kinds:
+                    self._stage_row(session, sweep_id, r.key)  # raises the one-line UsageError
+                if kinds[r.key] != r.kind:
+                    raise ValueError(f"result for stage {r.key!r} is a {r.kind!r} result; the stage is a "
+                                     f"{kinds[r.key]!r}")
+            ok = [r.key for r in results if r.status == "succeeded"]
+            if ok:
+                session.execute(update(StageAttemptModel).where(
+                    StageAttemptModel.sweep_id == sweep_id, StageAttemptModel.stage_key.in_(ok),
+                    StageAttemptModel.status == "running").values(status="succeeded", finished_at=now))
+            for r in results:
+                if r.status != "succeeded":
+                    self._close_attempts(session, sweep_id, [r.key], "failed", r.error)
+            session.execute(update(StageModel), [
+                {"sweep_id": sweep_id, "key": r.key, "status": r.status, "metrics": dict(r.metrics),
+                 "error": _one_line(r.error), "traceback": r.traceback, "node_id": r.node_id,
+                 "duration_s": r.duration_s, "finished_at": now, **_energy_values(r.energy)}
+                for r in results])
+            artifacts = [
+                {"key": r.artifact.key, "kind": r.kind, "path": r.artifact.path, "size_bytes": r.artifact.size_bytes,
+                 "sha256": r.artifact.sha256, "materialized": r.artifact.materialized, "params": r.artifact.params,
+                 "macs": r.artifact.macs, "compression": dict(r.artifact.compression), "created_at": now,
+                 "created_by_sweep": sweep_id}
+                for r in results if r.artifact is not None]
+            for row in artifacts:  # one statement per artifact: rows of a multi-VALUES upsert must share keys
+                _upsert(session, ArtifactModel, [row], ("key",), exclude=("created_at", "created_by_sweep"))
+            bare = [r.key for r in results if not r.repeats]
+            if bare:  # no repeats (now): none may remain from an earlier attempt
+                session.execute(delete(MeasurementModel).where(
+                    MeasurementModel.sweep_id == sweep_id, MeasurementModel.stage_key.in_(bare)))
+            for r in results:
+                if r.repeats:
+                    self._record_repeats(session, sweep_id, r)
 
-    def _record_result(self, session: Session, sweep_id: str, result: StageResult, now: Any) -> None:
-        row = self._stage_row(session, sweep_id, result.key)
-        if row.kind != result.kind:
-            raise ValueError(
-                f"result for stage {result.key!r} is a {result.kind!r} result; the stage is a {row.kind!r}"
-            )
-        self._close_attempts(session, sweep_id, [result.key],
-                             "succeeded" if result.status == "succeeded" else "failed", result.error)
-        row.status = result.status
-        row.metrics = dict(result.metrics)
-        row.error = _one_line(result.error)
-        row.traceback = result.traceback
-        row.node_id = result.node_id
-        row.duration_s = result.duration_s
-        row.finished_at = now
-        for column, value in _energy_values(result.energy).items():
-            setattr(row, column, value)
-
-        if result.artifact is not None:
-            a = result.artifact
-            values = {
-                "key": a.key,
-                "kind": result.kind,
-                "path": a.path,
-                "size_bytes": a.size_bytes,
-                "sha256": a.sha256,
-                "materialized": a.materialized,
-                "params": a.params,
-                "macs": a.macs,
-                "compression": dict(a.compression),
-                "created_at": now,
-                "created_by_sweep": sweep_id,
-            }
-            _upsert(session, ArtifactModel, [values], ("key",), exclude=("created_at", "created_by_sweep"))
-
+    def _record_repeats(self, session: Session, sweep_id: str, result: StageResult) -> None:
         numbers = [r.repeat for r in result.repeats]
         session.execute(
             delete(MeasurementModel).where(

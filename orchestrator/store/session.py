@@ -61,6 +61,11 @@ def _parse(url: str) -> URL:
     except ArgumentError:
         raise StoreError(f"invalid store URL {mask_url(url)!r}; {_URL_FIX}") from None
     backend = parsed.get_backend_name()
+    if parsed.host and "@" in parsed.host:
+        # "user:p@ss@host" parses as host "ss@host": the driver would then print the
+        # password's tail in its "cannot resolve host" error
+        raise StoreError("the store URL has an '@' in its password or user name -- percent-encode it as %40, "
+                         "e.g. postgresql+psycopg://user:p%40ss@host/db")
     if backend in ("postgresql", "postgres"):
         if parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -123,7 +128,12 @@ def _sqlite_engine(url: URL) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            # WAL is a property of the file: switch it on only for an empty file or one
+            # that is a store (has alembic_version), never for another application's
+            # database that the schema check is about to refuse
+            tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables or "alembic_version" in tables:
+                cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe in WAL
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")

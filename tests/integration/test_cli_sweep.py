@@ -43,19 +43,6 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
     return subprocess.run([GREENSWEEP, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.db"
-        return
-    url = os.environ.get("GREENSWEEP_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("GREENSWEEP_TEST_POSTGRES_URL not set")
-    from tests.pg import fresh_schema_url
-
-    with fresh_schema_url(url) as scoped:
-        yield scoped
-
 
 def test_sweep_end_to_end_and_reuse(tmp_path: Path, db_url: str) -> None:
     spec = tmp_path / "tiny.yaml"

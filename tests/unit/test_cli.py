@@ -7,7 +7,9 @@ import pytest
 
 from orchestrator.cli import main
 
-COMMANDS = [[], ["run"], ["plan"], ["status"], ["results"], ["db"], ["db", "upgrade"], ["db", "current"]]
+COMMANDS = [[], ["run"], ["plan"], ["status"], ["results"], ["resume"], ["cancel"], ["compare"], ["pareto"],
+            ["report"], ["nodes"], ["carbon"], ["carbon", "plan"], ["carbon", "savings"], ["db"], ["db", "upgrade"],
+            ["db", "current"]]
 
 
 def _call(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -112,3 +114,46 @@ def test_unreachable_ray_address_fails_fast_with_one_line(capsys, tmp_path, monk
                          capsys)
     assert code == 5 and time.monotonic() - start < 30
     assert err.startswith("error: cannot reach Ray at 127.0.0.1:1") and err.count("\n") == 1
+
+
+def _store_with_sweep(tmp_path, status: str = "succeeded") -> str:
+    from orchestrator.store import Store
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    with Store.open(url) as store:
+        store.create_sweep("sw-aaaaaaaaaaaa", "t", "name: t\n", "h", str(tmp_path), [
+            {"key": "k1", "kind": "train", "params": {}, "parent_key": None}], [], naive_stage_count=1)
+        store.set_sweep_status("sw-aaaaaaaaaaaa", status)
+    return url
+
+
+def test_resume_cancel_savings_on_unknown_or_ended_sweeps(tmp_path, capsys):
+    url = _store_with_sweep(tmp_path)
+    code, out, err = _call(["resume", "sw-nope", "--db", url], capsys)
+    assert code == 2 and "no sweep 'sw-nope'" in err and err.count("\n") == 1
+    code, out, err = _call(["resume", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert code == 0 and "already succeeded; nothing to resume" in out
+    code, out, err = _call(["cancel", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert code == 0 and "already ended (succeeded)" in out
+    code, out, err = _call(["carbon", "savings", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert code == 2 and "recorded no carbon-aware placement" in err
+
+
+def test_cancel_of_a_sweep_whose_coordinator_is_gone_marks_it_cancelled(tmp_path, capsys):
+    from orchestrator.store import Store
+
+    url = _store_with_sweep(tmp_path, "pending")
+    with Store.open(url) as store:
+        store.take_sweep("sw-aaaaaaaaaaaa", "some-other-host:1", stale_after_s=60)
+        store.mark_stage_running("sw-aaaaaaaaaaaa", "k1", "n")
+    # alive on another host: a request the coordinator will see
+    code, out, err = _call(["cancel", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert code == 0 and "cancel requested" in out
+    import socket
+
+    with Store.open(url) as store:  # now "owned" by a process of this host that does not exist
+        store.take_sweep("sw-aaaaaaaaaaaa", f"{socket.gethostname()}:999999", stale_after_s=0)
+    code, out, err = _call(["cancel", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert code == 0 and "cancelled (no coordinator was running it)" in out
+    code, out, err = _call(["status", "sw-aaaaaaaaaaaa", "--db", url], capsys)
+    assert "cancelled" in out

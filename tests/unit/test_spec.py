@@ -326,7 +326,9 @@ def test_relative_paths_in_a_spec_elsewhere(tmp_path: Path, monkeypatch):
     proj = tmp_path / "proj"
     (proj / "ckpt").mkdir(parents=True)
     (proj / "data").mkdir()
-    (proj / "ckpt" / "w.pt").write_bytes(b"weights")
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, proj / "ckpt" / "w.pt")  # a real weights-only file: it is checked
     (proj / "spec.yaml").write_text(
         "name: x\nmodel: {arch: vit_tiny_patch16_224, checkpoint: ckpt/w.pt}\n"
         "dataset: {name: imagefolder, path: data}\n")
@@ -336,7 +338,7 @@ def test_relative_paths_in_a_spec_elsewhere(tmp_path: Path, monkeypatch):
     spec = load_spec(proj / "spec.yaml")
     assert spec.model.checkpoint == str((proj / "ckpt" / "w.pt").resolve())
     assert spec.dataset.path == str((proj / "data").resolve())
-    assert spec.checkpoint_sha256 == hashlib.sha256(b"weights").hexdigest()
+    assert spec.checkpoint_sha256 == hashlib.sha256((proj / "ckpt" / "w.pt").read_bytes()).hexdigest()
     # parse_spec resolves against base_dir, not the working directory.
     text = (proj / "spec.yaml").read_text()
     assert parse_spec(text, base_dir=proj).model.checkpoint == spec.model.checkpoint
@@ -391,3 +393,11 @@ def test_max_points_is_inclusive():
     assert count_points(parse_spec(GRID_BASE + extra + "limits: {max_points: 4}\n", check_arch=False)) == 4
     with pytest.raises(SpecError, match=r"^pipelines: the grid expands to 4 points, over limits\.max_points=3 "):
         parse_spec(GRID_BASE + extra + "limits: {max_points: 3}\n", check_arch=False)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_parses_and_plans(path: Path) -> None:
+    from orchestrator.plan import build_plan
+
+    spec = load_spec(path)
+    assert build_plan(spec).points

@@ -24,19 +24,6 @@ TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "s
           "stage_attempts", "placements", "artifact_claims", "alembic_version"}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-        return
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"{POSTGRES_ENV} not set")
-    from tests.pg import fresh_schema_url
-
-    with fresh_schema_url(url) as scoped:
-        yield scoped
-
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Store]:

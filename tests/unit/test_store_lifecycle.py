@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.errors import UsageError
 from orchestrator.store import Store
-from tests.unit.test_store import artifact_result, create, db_url, store  # noqa: F401 - fixtures
+from tests.unit.test_store import artifact_result, create, store  # noqa: F401 - fixtures
 from workers.types import EnergyReading, StageResult
 
 SID = "sw-000000000001"

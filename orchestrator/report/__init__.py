@@ -1,0 +1,34 @@
+"""Reading a sweep back: the results table, the cross-hardware comparison, the Pareto
+frontier, plots and the self-contained HTML report.
+
+- :mod:`~orchestrator.report.results` -- ``results``: one row per sweep point
+  (``results --format json`` is a stable contract, :data:`RESULT_FIELDS`).
+- :mod:`~orchestrator.report.compare` -- ``compare``: compressed models x targets.
+- :mod:`~orchestrator.report.pareto` -- ``pareto``: non-dominated points per target.
+- :mod:`~orchestrator.report.plots` -- matplotlib figures as PNG bytes (imported lazily).
+- :mod:`~orchestrator.report.html` -- ``report``: one HTML file, images embedded.
+
+Nothing here touches the store: the CLI reads it and passes records in.
+"""
+
+from orchestrator.report.compare import Comparison, ModelRow, build_comparison, render_comparison
+from orchestrator.report.html import NO_PLACEMENT, build_report, placement_section, placement_summary
+from orchestrator.report.pareto import (
+    X_METRICS,
+    Y_METRICS,
+    Pareto,
+    ParetoPoint,
+    TargetFront,
+    available_x,
+    build_pareto,
+    pareto_mask,
+    render_pareto,
+)
+from orchestrator.report.results import RESULT_FIELDS, render_results, result_dicts
+
+__all__ = [
+    "NO_PLACEMENT", "RESULT_FIELDS", "X_METRICS", "Y_METRICS", "Comparison", "ModelRow", "Pareto", "ParetoPoint",
+    "TargetFront", "available_x", "build_comparison", "build_pareto", "build_report", "pareto_mask",
+    "placement_section", "placement_summary", "render_comparison", "render_pareto", "render_results",
+    "result_dicts",
+]

@@ -1,0 +1,273 @@
+"""Carbon-aware placement during a sweep: the pure planner, applied and re-planned.
+
+:class:`CarbonPlacer` turns the sweep's remaining stages and the live worker slots into
+a planning :class:`~orchestrator.scheduler.instance.Instance` (the documented JSON format,
+``docs/scheduler-instance.md``), asks :func:`~orchestrator.scheduler.planner.plan` for a
+schedule under the sweep's policy **and** under ``fifo``, and dispatches the ready stages
+whose planned start has come, on their planned node. A stage planned for later (a cleaner
+window before the deadline) waits. It re-plans when a stage finishes (early or late,
+the expectations change), when the set of ready stages or free slots changes, and at
+least every :data:`REPLAN_S`.
+
+Every dispatched stage carries a decision -- node, start, expected duration, energy,
+intensity and carbon -- and the ``fifo`` counterfactual from the same instance: the node
+and start a carbon-agnostic scheduler would have used and its expected carbon. The
+coordinator stores both (``placements``), so "carbon saved" is a query.
+
+Expected durations and power per (stage kind, node type) come from earlier measurements
+in the store when there are any (median of succeeded stages), else from the catalog:
+:data:`DEFAULT_STAGE_S` scaled by the node type's ``relative_speed`` and its nominal
+power (``cpu_tdp_w + gpu_power_w``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Sequence
+
+from orchestrator.scheduler import Slot, compatible
+from workers.stages.registry import get_kind
+
+REPLAN_S = 30.0
+STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
+HORIZON_S = 48 * 3600.0  # intensity looked ahead without a deadline
+START_TOLERANCE_S = 1.0  # a planned start this close to now is "now"
+DEFAULT_STAGE_S: dict[str, float] = {"train": 600.0, "finetune": 300.0, "distill": 300.0,
+                                     "prune": 60.0, "quantize": 60.0, "evaluate": 60.0}
+DEFAULT_POWER_W = 100.0  # a node type missing from the catalog
+ALWAYS_FLEXIBLE = ("train", "finetune", "distill")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    duration_s: float
+    power_w: float
+    source: str  # "measured" | "catalog"
+
+
+class Estimates:
+    """Expected duration and power of a stage kind on a node type."""
+
+    def __init__(self, measured: Sequence[tuple[str, str | None, float, float | None]], catalog: Any) -> None:
+        """*measured*: ``(kind, node_type, duration_s, energy_j)`` of succeeded stages."""
+        self._samples: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+        for kind, node_type, duration, energy in measured:
+            if node_type and duration and duration > 0:
+                self._samples.setdefault((kind, node_type), []).append((duration, energy))
+        self._catalog = catalog
+
+    def observe(self, kind: str, node_type: str, duration_s: float, energy_j: float | None) -> None:
+        if duration_s > 0:
+            self._samples.setdefault((kind, node_type), []).append((duration_s, energy_j))
+
+    def _nominal(self, node_type: str) -> tuple[float, float]:
+        try:
+            nt = self._catalog.get(node_type)
+        except Exception:  # noqa: BLE001 - a node type outside the catalog: defaults, labelled "catalog"
+            return DEFAULT_POWER_W, 1.0
+        return nt.cpu_tdp_w + nt.gpu_power_w, nt.relative_speed
+
+    def get(self, kind: str, node_type: str) -> Estimate:
+        power, speed = self._nominal(node_type)
+        samples = self._samples.get((kind, node_type))
+        if samples:
+            duration = statistics.median(d for d, _ in samples)
+            powers = [e / d for d, e in samples if e is not None and d > 0]
+            return Estimate(duration, statistics.median(powers) if powers else power, "measured")
+        return Estimate(DEFAULT_STAGE_S.get(kind, 60.0) / speed, power, "catalog")
+
+
+class CarbonPlacer:
+    """Places ready stages under ``greedy-carbon`` or ``carbon-deadline``; see the module."""
+
+    def __init__(self, *, policy: str, provider: Any, estimates: Estimates, deadline: datetime | None = None,
+                 flexible_kinds: Sequence[str] = (), warn: Callable[[str], None] = lambda m: None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        if policy not in ("greedy-carbon", "carbon-deadline"):
+            raise ValueError(f"CarbonPlacer does not do policy {policy!r}")
+        self.policy, self.provider, self.estimates = policy, provider, estimates
+        self.deadline, self.clock, self.warn = deadline, clock, warn
+        self.flexible_kinds = set(ALWAYS_FLEXIBLE) | set(flexible_kinds)
+        self._plan: dict[str, tuple[str, datetime, float]] = {}  # key -> (node id, start, carbon g)
+        self._fifo: dict[str, tuple[str, datetime, float]] = {}
+        self._intensity_cache: dict[tuple[str, datetime], list[float]] = {}
+        self._dirty = True
+        self._planned_at = 0.0
+        self._signature: tuple[Any, ...] = ()
+        self._running_since: dict[str, datetime] = {}
+        self.replans = 0
+
+    # -- events from the coordinator ----------------------------------------------------
+
+    def observe(self, stage: Any, node: Any, result: Any) -> None:
+        """A stage finished: learn its duration and energy, re-plan before the next dispatch."""
+        self._running_since.pop(stage.key, None)
+        if result.status == "succeeded" and result.duration_s > 0:
+            energy = result.energy.total_energy_j if result.energy is not None else None
+            self.estimates.observe(stage.kind, node.node_type, result.duration_s, energy)
+        self._dirty = True
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _series(self, region: str, t0: datetime, horizon_s: float) -> list[float]:
+        hour = t0.replace(minute=0, second=0, microsecond=0)
+        key = (region, hour)
+        if key not in self._intensity_cache:
+            end = hour + timedelta(seconds=horizon_s + 2 * STEP_S)
+            self._intensity_cache[key] = list(self.provider.series(region, hour, end, STEP_S))
+        offset = int((t0 - hour).total_seconds() // STEP_S)
+        return self._intensity_cache[key][offset:] or self._intensity_cache[key][-1:]
+
+    def _instance(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any,
+                  now: datetime) -> dict[str, Any] | None:
+        from orchestrator.scheduler.instance import NodeModel, TaskModel
+
+        has_busy = "busy_until_s" in NodeModel.model_fields
+        has_release = "release_s" in TaskModel.model_fields
+        horizon = HORIZON_S
+        if self.deadline is not None:
+            horizon = max(horizon, (self.deadline - now).total_seconds())
+        node_types = {s.node.node_type for s in slots}
+        nodes, types = [], {}
+        for s in slots:
+            est_power = self.estimates.get("train", s.node.node_type).power_w
+            types.setdefault(s.node.node_type, {"power_w": est_power})
+            node: dict[str, Any] = {"id": s.node.node_id, "node_type": s.node.node_type,
+                                    "region": s.node.region or "", "slots": 1}
+            if has_busy and s.busy_keys:
+                left = 0.0
+                for k in s.busy_keys:
+                    st = plan.stage(k)
+                    exp = self.estimates.get(st.kind, s.node.node_type).duration_s
+                    since = self._running_since.get(k, now)
+                    left += max(1.0, exp - (now - since).total_seconds())
+                node["busy_until_s"] = left
+            nodes.append(node)
+        pending = {s.key for s in stages}
+        tasks = []
+        for st in stages:
+            durations = {nt: self.estimates.get(st.kind, nt).duration_s
+                         for nt in node_types if compatible(st, _TypeOnly(nt))}
+            if not durations:
+                continue
+            task: dict[str, Any] = {"id": st.key, "durations_s": durations,
+                                    "flexible": self.policy == "carbon-deadline" and st.kind in self.flexible_kinds,
+                                    "depends_on": [st.parent_key] if st.parent_key in pending else []}
+            if self.deadline is not None:
+                task["deadline_s"] = max(0.0, (self.deadline - now).total_seconds())
+            if has_release and st.parent_key and status.get(st.parent_key) == "running":
+                task["release_s"] = 1.0
+            tasks.append(task)
+        if not tasks:
+            return None
+        regions = sorted({n["region"] for n in nodes})
+        intensity = {r: self._series(r, now, horizon) for r in regions}
+        return {"step_s": STEP_S, "node_types": types, "nodes": nodes, "tasks": tasks, "intensity": intensity}
+
+    def _replan(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any) -> None:
+        from orchestrator.scheduler.instance import parse_instance
+        from orchestrator.scheduler.planner import plan as make_plan
+
+        now = self.clock()
+        self._plan, self._fifo = {}, {}
+        data = self._instance(stages, slots, status, plan, now)
+        self._dirty, self._planned_at = False, time.monotonic()
+        if data is None:
+            return
+        instance = parse_instance(data)
+        for policy, out in ((self.policy, self._plan), ("fifo", self._fifo)):
+            for a in make_plan(instance, policy).assignments:
+                out[a.task] = (a.node, now + timedelta(seconds=a.start_s), a.carbon_g)
+        self.replans += 1
+
+    def place(self, ready: list[Any], free: list[Slot], slots: list[Slot], status: dict[str, str],
+              plan: Any) -> list[tuple[Any, Slot, dict[str, Any]]]:
+        """Decide which ready stages start now and where; the rest wait for their window."""
+        from orchestrator.carbon import CarbonDataError, CarbonProviderError
+
+        remaining = [s for s in plan.stages if status[s.key] == "pending"]
+        signature = (tuple(s.key for s in ready), tuple(id(s) for s in free))
+        if (self._dirty or signature != self._signature or time.monotonic() - self._planned_at > REPLAN_S
+                or any(s.key not in self._plan for s in ready)):
+            try:
+                self._replan(remaining, slots, status, plan)
+            except (CarbonDataError, CarbonProviderError) as e:
+                self.warn(f"carbon-aware placement unavailable ({e}); placing by fifo")
+                self._plan, self._fifo = {}, {}
+            self._signature = signature
+        now = self.clock()
+        by_node = {s.node.node_id: s for s in free}
+        taken: set[int] = set()
+        out = []
+        for stage in ready:
+            planned = self._plan.get(stage.key)
+            if planned is None:
+                continue
+            node_id, start, carbon_g = planned
+            if (start - now).total_seconds() > START_TOLERANCE_S:
+                continue  # waits for its cleaner window
+            slot = by_node.get(node_id)
+            if slot is None or id(slot) in taken:
+                self._dirty = True  # the plan expected a slot that is busy: plan again
+                continue
+            taken.add(id(slot))
+            self._running_since[stage.key] = now
+            out.append((stage, slot, self._decision(stage, slot, start, carbon_g, slots)))
+        return out
+
+    def _decision(self, stage: Any, slot: Slot, start: datetime, carbon_g: float,
+                  slots: list[Slot]) -> dict[str, Any]:
+        est = self.estimates.get(stage.kind, slot.node.node_type)
+        fifo_node_id, fifo_start, fifo_carbon = self._fifo.get(stage.key, (slot.node.node_id, start, carbon_g))
+        fifo_node = next((s.node for s in slots if s.node.node_id == fifo_node_id), slot.node)
+        fifo_est = self.estimates.get(stage.kind, fifo_node.node_type)
+
+        def mean_intensity(g: float, e: Estimate) -> float | None:
+            kwh = e.power_w * e.duration_s / 3.6e6
+            return g / kwh if kwh > 0 else None
+
+        return {
+            "stage_key": stage.key, "policy": self.policy, "node_id": slot.node.node_id,
+            "node_type": slot.node.node_type, "region": slot.node.region, "start_at": start,
+            "expected_duration_s": est.duration_s, "expected_energy_j": est.power_w * est.duration_s,
+            "expected_intensity_g_per_kwh": mean_intensity(carbon_g, est), "expected_carbon_g": carbon_g,
+            "estimate_source": est.source, "fifo_node_id": fifo_node.node_id, "fifo_node_type": fifo_node.node_type,
+            "fifo_region": fifo_node.region, "fifo_start_at": fifo_start,
+            "fifo_expected_energy_j": fifo_est.power_w * fifo_est.duration_s,
+            "fifo_expected_intensity_g_per_kwh": mean_intensity(fifo_carbon, fifo_est),
+            "fifo_expected_carbon_g": fifo_carbon,
+        }
+
+
+@dataclass(frozen=True)
+class _TypeOnly:
+    """A stand-in node for :func:`compatible`, which only reads ``node_type``."""
+
+    node_type: str
+
+
+def policy_for(spec: Any) -> str:
+    """The sweep's policy: the spec's, else greedy-carbon with carbon data (carbon-deadline
+    with a deadline too), else fifo."""
+    sched = spec.scheduling
+    if sched.policy:
+        return sched.policy
+    if spec.carbon is None:
+        return "fifo"
+    return "carbon-deadline" if sched.deadline_h else "greedy-carbon"
+
+
+def make_placer(spec: Any, store: Any, provider: Any, started_at: datetime,
+                warn: Callable[[str], None]) -> CarbonPlacer | None:
+    """The sweep's placer, or None for ``fifo``."""
+    from orchestrator.catalog import load_catalog
+
+    policy = policy_for(spec)
+    if policy == "fifo" or provider is None:
+        return None
+    deadline = started_at + timedelta(hours=spec.scheduling.deadline_h) if spec.scheduling.deadline_h else None
+    return CarbonPlacer(policy=policy, provider=provider, estimates=Estimates(store.stage_durations(), load_catalog()),
+                        deadline=deadline, flexible_kinds=spec.scheduling.flexible, warn=warn)
