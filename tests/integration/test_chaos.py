@@ -86,14 +86,14 @@ def _latest_sweep(db: str) -> str | None:
 
 def test_worker_sigkill_mid_stage_is_retried_and_persisted_once(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/store.db"
-    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=40)), "--progress", "plain"],
+    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=15)), "--progress", "plain"],
                             cwd=tmp_path, env=_env(tmp_path, db), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         sweep_id = _wait_for(lambda: _latest_sweep(db), 120, "the sweep to be recorded")
         with Store.open(db) as store:
             _wait_for(lambda: _stage(store, sweep_id, "train").status == "running", 120, "training to start")
-            time.sleep(2.0)  # well inside the 40-epoch training
+            time.sleep(2.0)  # inside the 15-epoch training (~6 s on 2 idle cores)
             assert _stage(store, sweep_id, "train").status == "running"
             (node,) = store.nodes()
             os.kill(node.hardware["pid"], signal.SIGKILL)
@@ -122,7 +122,7 @@ def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Pa
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.format(epochs=2, targets="[local]", extra="").replace(
         "      - prune: {method: unstructured, ratio: [0.3, 0.6]}",
-        "      - prune: {method: unstructured, ratio: 0.5}\n      - finetune: {epochs: 40, lr: 0.001}"))
+        "      - prune: {method: unstructured, ratio: 0.5}\n      - finetune: {epochs: 25, lr: 0.001}"))
     proc = subprocess.Popen([GREENSWEEP, "run", str(spec), "--progress", "plain"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -130,7 +130,7 @@ def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Pa
         with Store.open(db) as store:
             ft = _wait_for(lambda: (st := _stage(store, sweep_id, "finetune")).status == "running" and st, 240,
                            "fine-tuning to start")
-            _wait_for(lambda: len(store.progress(sweep_id, ft.key)) >= 2, 240, "two fine-tuning epochs", poll_s=0.1)
+            _wait_for(lambda: len(store.progress(sweep_id, ft.key)) >= 1, 240, "a fine-tuning epoch", poll_s=0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and the local Ray it started
         proc.wait(timeout=30)
     finally:
@@ -152,7 +152,7 @@ def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Pa
             assert [a.status for a in store.attempts(sweep_id, key)] == ["succeeded"]
         assert [a.status for a in store.attempts(sweep_id, ft.key)] == ["lost", "succeeded"]
         finetune = _stage(store, sweep_id, "finetune")
-        assert finetune.metrics["resumed_from_epoch"] >= min(2, epochs_before)  # from its checkpoint
+        assert finetune.metrics["resumed_from_epoch"] >= epochs_before >= 1  # from its last checkpoint
         rows = store.results(sweep_id)
         assert sorted(r.point_index for r in rows) == [0, 1]
         assert all(r.status == "succeeded" and r.top1 is not None for r in rows)
