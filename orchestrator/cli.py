@@ -613,12 +613,20 @@ def carbon() -> None:
               help="Scheduling instance (format: docs/scheduler-instance.md).")
 @click.option("--policy", type=click.Choice(["fifo", "greedy-carbon", "carbon-deadline"]),
               default="carbon-deadline", show_default=True, help="Scheduling policy.")
-def carbon_plan(instance_path: Path, policy: str) -> None:
+@click.option("--effort", type=click.IntRange(min=0), default=None, metavar="N",
+              help="carbon-deadline's search budget in work units (default 3000, about 0.2 s for "
+                   "8 tasks; 0: its first list schedule only).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of carbon-deadline's search: same instance, effort and seed, same plan.")
+def carbon_plan(instance_path: Path, policy: str, effort: int | None, seed: int) -> None:
     """Print the JSON plan POLICY makes for the instance in FILE.json."""
     from orchestrator.scheduler.instance import load_instance
+    from orchestrator.scheduler.planner import DEFAULT_EFFORT
     from orchestrator.scheduler.planner import plan as make_plan
 
-    click.echo(json.dumps(make_plan(load_instance(instance_path), policy).to_json(), indent=2))
+    instance = load_instance(instance_path)
+    chosen = make_plan(instance, policy, effort=DEFAULT_EFFORT if effort is None else effort, seed=seed)
+    click.echo(json.dumps(chosen.to_json(), indent=2))
 
 
 @carbon.command("savings")

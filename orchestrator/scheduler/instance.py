@@ -40,6 +40,7 @@ class NodeModel(_Strict):
     node_type: str
     region: str
     slots: int = Field(default=1, ge=1)
+    busy_until_s: NonNegative = 0.0
 
 
 class TaskModel(_Strict):
@@ -48,6 +49,7 @@ class TaskModel(_Strict):
     flexible: bool = False
     deadline_s: NonNegative | None = None
     depends_on: list[str] = Field(default_factory=list)
+    release_s: NonNegative = 0.0
 
 
 class InstanceModel(_Strict):
@@ -60,24 +62,31 @@ class InstanceModel(_Strict):
 
 @dataclass(frozen=True)
 class Node:
-    """One machine: runs at most ``slots`` tasks at once, drawing ``power_w`` while busy."""
+    """One machine: runs at most ``slots`` tasks at once, drawing ``power_w`` while busy.
+
+    All its slots are taken until ``busy_until_s`` (work already running when the plan is
+    made); nothing new starts on it before then.
+    """
 
     id: str
     node_type: str
     region: str
     slots: int
     power_w: float
+    busy_until_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work. ``depends_on`` holds indices into :attr:`Instance.tasks`."""
+    """One unit of work. ``depends_on`` holds indices into :attr:`Instance.tasks`; the task
+    starts no earlier than ``release_s`` (e.g. "now", when re-planning mid-sweep)."""
 
     id: str
     durations_s: dict[str, float]
     flexible: bool
     deadline_s: float | None
     depends_on: tuple[int, ...]
+    release_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -191,10 +200,11 @@ def parse_instance(data: Any) -> Instance:
     order = _topological_order(m.tasks, index)
     return Instance(
         step_s=m.step_s,
-        nodes=tuple(Node(n.id, n.node_type, n.region, n.slots, m.node_types[n.node_type].power_w)
+        nodes=tuple(Node(n.id, n.node_type, n.region, n.slots, m.node_types[n.node_type].power_w,
+                         n.busy_until_s)
                     for n in m.nodes),
         tasks=tuple(Task(t.id, dict(t.durations_s), t.flexible, t.deadline_s,
-                         tuple(sorted({index[d] for d in t.depends_on})))
+                         tuple(sorted({index[d] for d in t.depends_on})), t.release_s)
                     for t in m.tasks),
         intensity_g_co2_per_kwh={r: tuple(v) for r, v in m.intensity.items()},
         topo_order=order,

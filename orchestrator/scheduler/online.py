@@ -35,6 +35,7 @@ REPLAN_S = 30.0
 STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
 HORIZON_S = 48 * 3600.0  # intensity looked ahead without a deadline
 START_TOLERANCE_S = 1.0  # a planned start this close to now is "now"
+ONLINE_EFFORT = 1000  # carbon-deadline search budget per re-plan (~0.1 s for a few hundred stages)
 DEFAULT_STAGE_S: dict[str, float] = {"train": 600.0, "finetune": 300.0, "distill": 300.0,
                                      "prune": 60.0, "quantize": 60.0, "evaluate": 60.0}
 DEFAULT_POWER_W = 100.0  # a node type missing from the catalog
@@ -123,28 +124,24 @@ class CarbonPlacer:
 
     def _instance(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any,
                   now: datetime) -> dict[str, Any] | None:
-        from orchestrator.scheduler.instance import NodeModel, TaskModel
-
-        has_busy = "busy_until_s" in NodeModel.model_fields
-        has_release = "release_s" in TaskModel.model_fields
         horizon = HORIZON_S
         if self.deadline is not None:
             horizon = max(horizon, (self.deadline - now).total_seconds())
         node_types = {s.node.node_type for s in slots}
         nodes, types = [], {}
+        left_s: dict[str, float] = {}  # expected time left of each running stage
+        for s in slots:
+            for k in s.busy_keys:
+                exp = self.estimates.get(plan.stage(k).kind, s.node.node_type).duration_s
+                since = self._running_since.get(k, now)
+                left_s[k] = max(1.0, exp - (now - since).total_seconds())
         for s in slots:
             est_power = self.estimates.get("train", s.node.node_type).power_w
             types.setdefault(s.node.node_type, {"power_w": est_power})
             node: dict[str, Any] = {"id": s.node.node_id, "node_type": s.node.node_type,
                                     "region": s.node.region or "", "slots": 1}
-            if has_busy and s.busy_keys:
-                left = 0.0
-                for k in s.busy_keys:
-                    st = plan.stage(k)
-                    exp = self.estimates.get(st.kind, s.node.node_type).duration_s
-                    since = self._running_since.get(k, now)
-                    left += max(1.0, exp - (now - since).total_seconds())
-                node["busy_until_s"] = left
+            if s.busy_keys:
+                node["busy_until_s"] = sum(left_s[k] for k in s.busy_keys)
             nodes.append(node)
         pending = {s.key for s in stages}
         tasks = []
@@ -158,8 +155,8 @@ class CarbonPlacer:
                                     "depends_on": [st.parent_key] if st.parent_key in pending else []}
             if self.deadline is not None:
                 task["deadline_s"] = max(0.0, (self.deadline - now).total_seconds())
-            if has_release and st.parent_key and status.get(st.parent_key) == "running":
-                task["release_s"] = 1.0
+            if st.parent_key and status.get(st.parent_key) == "running":
+                task["release_s"] = left_s.get(st.parent_key, 1.0)
             tasks.append(task)
         if not tasks:
             return None
@@ -179,7 +176,7 @@ class CarbonPlacer:
             return
         instance = parse_instance(data)
         for policy, out in ((self.policy, self._plan), ("fifo", self._fifo)):
-            for a in make_plan(instance, policy).assignments:
+            for a in make_plan(instance, policy, effort=ONLINE_EFFORT).assignments:
                 out[a.task] = (a.node, now + timedelta(seconds=a.start_s), a.carbon_g)
         self.replans += 1
 
