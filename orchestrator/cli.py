@@ -53,7 +53,11 @@ def _open_store(db: str | None, spec_store: str | None = None, *, must_exist: bo
         raise UsageError(
             f"no store at {path} -- run a sweep first (greensweep run SPEC) or point --db at an existing store"
         )
-    return Store.open(url)
+    if must_exist and path is not None and path.is_file() and path.stat().st_size == 0:
+        from orchestrator.store.migrations import empty_store_error
+
+        raise empty_store_error(str(path))  # before connecting: even that writes a SQLite header
+    return Store.open(url, create=not must_exist)
 
 
 db_option = click.option(
@@ -592,10 +596,16 @@ def db_upgrade(db: str | None) -> None:
 def db_current(db: str | None) -> None:
     """Print the store's schema revision and this greensweep's head."""
     from orchestrator.store import current, head
+    from orchestrator.store.migrations import is_known
 
     url = _db_url(db)
     rev = current(url)
-    state = "up to date" if rev == head() else f"greensweep expects {head()} -- run: greensweep db upgrade --db {mask_url(url)}"
+    if rev == head():
+        state = "up to date"
+    elif rev is not None and not is_known(rev):
+        state = f"written by a newer greensweep; this one needs {head()} -- upgrade greensweep (pip install -U greensweep)"
+    else:
+        state = f"greensweep expects {head()} -- run: greensweep db upgrade --db {mask_url(url)}"
     click.echo(f"{mask_url(url)}: {rev or 'no schema'} ({state})")
 
 

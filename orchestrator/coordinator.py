@@ -25,13 +25,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.cluster import NodeInfo
 from orchestrator.plan import Plan, PlannedStage
 from orchestrator.scheduler import Slot, choose_slot, compatible
 from orchestrator.spec import SweepSpec
-from workers.artifacts import verified_manifest
+from workers.artifacts import read_manifest, verified_manifest
 from workers.stages.registry import get_kind
 from workers.types import ArtifactInfo, DatasetRef, ModelRef, StageResult, StageTask
 
@@ -353,6 +354,9 @@ class Coordinator:
             return False
         manifest = verified_manifest(self.artifact_root, stage.key)
         if manifest is None:
+            if read_manifest(self.artifact_root, stage.key) is not None:
+                self.progress.warning(f"the artifact of {stage.label} at {self.artifact_root}/{stage.key} fails its "
+                                      "checksum (its weights changed after they were written); building it again")
             return False
         path = f"{self.artifact_root}/{stage.key}"
         self.store.record_stage_result(self.sweep_id, StageResult(
@@ -437,13 +441,13 @@ class Coordinator:
             dispatch.append((stage, slot, decision))
         if not dispatch:
             return
+        shipments = [self._shipment(stage) for stage, _, _ in dispatch]  # before anything is marked running
         attempts = self.store.mark_stages_running(self.sweep_id, [(s.key, sl.node.node_id) for s, sl, _ in dispatch])
         now, mono = datetime.now(timezone.utc), time.monotonic()
-        for stage, slot, decision in dispatch:
+        for (stage, slot, decision), (keys, blobs) in zip(dispatch, shipments):
             if decision is not None:
                 self.store.record_placement(self.sweep_id, decision)
             self._set(stage.key, "running")
-            keys, blobs = self._shipment(stage)
             ref = slot.handle.run.remote(task_for(self.spec, self.sweep_id, stage, self.artifact_root), keys, *blobs)
             self.in_flight[ref] = _Running(stage, slot, attempts[stage.key], now, mono)
             self.progress.stage_started(stage, slot.node)
@@ -454,18 +458,36 @@ class Coordinator:
             return (), []
         import ray
 
-        from workers.artifacts import pack
+        from workers.artifacts import FILE_PREFIX, file_entry, pack
 
         keys = [k for k in (stage.parent_key,) if k]
         teacher = str(stage.params.get("teacher") or "")
         if teacher.startswith("artifact:"):
             keys.append(teacher.removeprefix("artifact:"))
+        # files the spec names travel too, checked against the digest taken at spec time
+        files: dict[str, str] = {}
+        if stage.parent_key is None and self.spec.model.checkpoint and self.spec.checkpoint_sha256:
+            files[self.spec.model.checkpoint] = self.spec.checkpoint_sha256
+        if teacher.startswith("checkpoint:") and stage.params.get("teacher_sha256"):
+            files[teacher.removeprefix("checkpoint:")] = str(stage.params["teacher_sha256"])
+        keys += [file_entry(sha, path) for path, sha in files.items()]
         refs = []
         for k in keys:
             if k not in self._blobs:
-                self._blobs[k] = ray.put(pack(self.artifact_root, k))
+                self._blobs[k] = ray.put(self._file_bytes(k) if k.startswith(FILE_PREFIX) else pack(self.artifact_root, k))
             refs.append(self._blobs[k])
         return tuple(keys), refs
+
+    def _file_bytes(self, entry: str) -> bytes:
+        from orchestrator.errors import ArtifactError
+        from workers.artifacts import FILE_PREFIX
+
+        path = entry.removeprefix(FILE_PREFIX).partition(":")[2]
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"cannot read {path} to ship it to the nodes ({e.strerror}); it must stay readable "
+                                f"here while the sweep runs -- restore it, then: greensweep resume {self.sweep_id}") from None
 
     def _install(self, result: StageResult) -> StageResult:
         """A result that carries its artifact (no shared disk): install it under the

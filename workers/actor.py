@@ -68,12 +68,15 @@ class StageWorker:
         coordinator (no shared disk); they are installed under the node's cache first."""
         if self.cache_root is None:
             return self._run(task)
-        from workers.artifacts import pack, unpack
+        from workers.artifacts import FILE_PREFIX, install_file, pack, unpack
 
         task = dataclasses.replace(task, artifact_root=self.cache_root)
         try:
             for key, blob in zip(ship_keys, blobs):
-                unpack(self.cache_root, key, blob)
+                if key.startswith(FILE_PREFIX):
+                    task = _with_local_file(task, key, install_file(self.cache_root, key, blob))
+                else:
+                    unpack(self.cache_root, key, blob)
         except Exception as e:  # noqa: BLE001 - reported as the stage's failure
             return StageResult(key=task.key, kind=task.kind, status="failed", duration_s=0.0,
                                node_id=self.env.node_id, error=f"receiving its input artifact: {one_line(e)}",
@@ -115,3 +118,15 @@ class StageWorker:
             repeats=tuple(out.repeats),
             energy=out.energy,
         )
+
+
+def _with_local_file(task: StageTask, entry: str, local: Any) -> StageTask:
+    """*task* reading the node-local copy *local* wherever it named the shipped file."""
+    from workers.artifacts import FILE_PREFIX
+
+    path = entry.removeprefix(FILE_PREFIX).partition(":")[2]
+    if task.model.checkpoint == path:
+        task = dataclasses.replace(task, model=dataclasses.replace(task.model, checkpoint=str(local)))
+    if task.params.get("teacher") == f"checkpoint:{path}":
+        task = dataclasses.replace(task, params={**task.params, "teacher": f"checkpoint:{local}"})
+    return task

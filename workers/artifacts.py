@@ -118,3 +118,46 @@ def unpack(root: str | Path, key: str, blob: bytes) -> dict[str, Any]:
     if manifest is None:
         raise ArtifactTransferError(f"artifact {key} could not be installed under {root}")
     return manifest
+
+
+# -- files a spec names (model checkpoints, teacher checkpoints) ---------------------------
+
+FILES_DIR = "files"
+FILE_PREFIX = "file:"  # a shipped file's entry among a task's shipped keys: "file:<sha256>:<path>"
+
+
+def file_entry(sha256: str, path: str) -> str:
+    """The shipped-keys entry of the file at *path* (as the spec names it) whose content
+    has digest *sha256*."""
+    return f"{FILE_PREFIX}{sha256}:{path}"
+
+
+def install_file(root: str | Path, entry: str, blob: bytes) -> Path:
+    """Install a shipped file under ``<root>/files/<sha256>/<name>`` and return its path.
+
+    The content must match the digest the spec recorded; the file appears by atomic
+    rename, and one already there with the right digest is kept.
+    """
+    import hashlib
+    import os
+    import tempfile
+
+    sha, _, path = entry.removeprefix(FILE_PREFIX).partition(":")
+    if not sha or not path:
+        raise ArtifactTransferError(f"malformed shipped-file entry {entry!r}")
+    dest_dir = Path(root) / FILES_DIR / sha
+    dest = dest_dir / (Path(path).name or "file")
+    if dest.is_file() and sha256_file(dest) == sha:
+        return dest
+    if hashlib.sha256(blob).hexdigest() != sha:
+        raise ArtifactTransferError(f"shipped file {path} does not match the sha256 the spec recorded for it")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest

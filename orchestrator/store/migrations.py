@@ -124,10 +124,22 @@ def upgrade(url: str) -> str:
         engine.dispose()
 
 
-def ensure_schema(engine: Engine, url: str, *, upgrade: bool = False) -> None:
+def empty_store_error(where: str) -> StoreError:
+    """What a read-only command says about a store with no schema yet (never created)."""
+    return StoreError(f"the store at {where} is empty (no sweep has run there) -- "
+                      "run one first with: greensweep run SPEC --db URL, or point --db at another store")
+
+
+def is_known(revision: str) -> bool:
+    """Whether *revision* is one of this greensweep's migrations (False: a newer one wrote it)."""
+    return revision in _known(_scripts())
+
+
+def ensure_schema(engine: Engine, url: str, *, upgrade: bool = False, create: bool = True) -> None:
     """Check that the store behind *engine* is at :func:`head`.
 
-    An empty database (no tables at all) gets the schema created. A database at an older
+    An empty database (no tables at all) gets the schema created, unless *create* is false
+    (read-only commands): then it raises :class:`StoreError`. A database at an older
     revision, or holding other tables but no greensweep schema, is migrated when
     *upgrade* is true and otherwise raises :class:`SchemaMismatchError` naming the exact
     ``greensweep db upgrade`` command. A revision this greensweep does not know (a newer
@@ -141,6 +153,8 @@ def ensure_schema(engine: Engine, url: str, *, upgrade: bool = False) -> None:
     if revision == needed:
         return
     if revision is None:
+        if tables <= {VERSION_TABLE} and not create:
+            raise empty_store_error(masked)
         if tables <= {VERSION_TABLE} or upgrade:
             upgrade_engine(engine, url)
             return

@@ -86,7 +86,7 @@ class Store:
         self._session = SessionScope(engine, url)
 
     @classmethod
-    def open(cls, url: str | None = None, *, upgrade: bool = False) -> Store:
+    def open(cls, url: str | None = None, *, upgrade: bool = False, create: bool = True) -> Store:
         """Connect to the store at *url* (default :func:`default_db_url`) and check its
         schema.
 
@@ -94,14 +94,15 @@ class Store:
         migrated when *upgrade* is true and otherwise raises
         :class:`~orchestrator.errors.SchemaMismatchError` naming the exact
         ``greensweep db upgrade`` command; a store written by a newer greensweep always
-        raises it.
+        raises it. With *create* false (read-only use) an empty database is an error and
+        is left untouched.
         """
         from orchestrator.store.migrations import ensure_schema
 
         url = url or default_db_url()
         engine = create_engine_for(url)
         try:
-            ensure_schema(engine, url, upgrade=upgrade)
+            ensure_schema(engine, url, upgrade=upgrade, create=create)
         except BaseException:
             engine.dispose()
             raise

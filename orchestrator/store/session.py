@@ -56,6 +56,12 @@ def one_line(error: BaseException) -> str:
 
 
 def _parse(url: str) -> URL:
+    userinfo = url.split("://", 1)[1].rpartition("@")[0] if "://" in url else ""
+    if not url.lower().startswith("sqlite") and any(c.isspace() for c in userinfo):
+        # "user:pa ss@host": masking cannot tell where such a password ends, so no part
+        # of the URL is echoed (a SQLite file path may hold spaces)
+        raise StoreError("the store URL contains whitespace -- percent-encode it in the password or user name "
+                         "(a space is %20)")
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -128,6 +134,10 @@ def _sqlite_engine(url: URL) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
+            # first: the statements below take locks, and a new file's switch to WAL
+            # fails at once ("database is locked") without a timeout when another
+            # process opens it at the same moment
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             # WAL is a property of the file: switch it on only for an empty file or one
             # that is a store (has alembic_version), never for another application's
             # database that the schema check is about to refuse
@@ -135,7 +145,6 @@ def _sqlite_engine(url: URL) -> Engine:
             if not tables or "alembic_version" in tables:
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe in WAL
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()

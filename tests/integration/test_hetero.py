@@ -26,6 +26,7 @@ seed: 5
 model:
   arch: vit_tiny_patch16_224
   kwargs: {img_size: 8, patch_size: 2, in_chans: 1, depth: 1, embed_dim: 48, num_heads: 3}
+  checkpoint: CHECKPOINT
 dataset: {name: digits}
 train: {epochs: 2, batch_size: 64, lr: 0.003}
 pipelines:
@@ -40,8 +41,20 @@ scheduling: {policy: greedy-carbon}
 
 
 def test_carbon_aware_placement_pinning_and_object_store_transfer(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from workers.models import build_model
+    from workers.types import ModelRef
+
+    # the training starts from a checkpoint only the coordinator's disk has: it travels too
+    torch.manual_seed(0)
+    ckpt = tmp_path / "coordinator-only" / "start.safetensors"
+    ckpt.parent.mkdir()
+    kwargs = {"img_size": 8, "patch_size": 2, "in_chans": 1, "depth": 1, "embed_dim": 48, "num_heads": 3}
+    save_file(build_model(ModelRef("vit_tiny_patch16_224", kwargs), 10).state_dict(), str(ckpt))
     spec = tmp_path / "hetero.yaml"
-    spec.write_text(SPEC)
+    spec.write_text(SPEC.replace("CHECKPOINT", str(ckpt)))
     db = f"sqlite:///{tmp_path}/store.db"
     env = {**os.environ, "GREENSWEEP_ARTIFACTS": str(tmp_path / "artifacts"), "GREENSWEEP_DB_URL": db,
            "GREENSWEEP_NODE_CACHE": str(tmp_path / "cache"), "GREENSWEEP_DEBUG": ""}
@@ -82,7 +95,8 @@ def test_carbon_aware_placement_pinning_and_object_store_transfer(tmp_path: Path
                   for d in (tmp_path / "cache").iterdir()}
         de_node = next(nid for nid, r in region_of.items() if r == "DE")
         fr_node = next(nid for nid, r in region_of.items() if r == "FR")
-        assert caches[fr_node[:16]] == model_keys  # built there
+        assert caches[fr_node[:16]] == model_keys | {"files"}  # built there, from the shipped checkpoint
+        assert [f.name for f in (tmp_path / "cache" / fr_node[:16] / "files").glob("*/*")] == ["start.safetensors"]
         assert caches[de_node[:16]] == model_keys  # shipped there for its evaluations
 
     saved = subprocess.run([GREENSWEEP, "carbon", "savings", sweep_id, "--json"], cwd=tmp_path, env=env,

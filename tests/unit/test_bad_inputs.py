@@ -379,7 +379,7 @@ def test_tampered_artifact_is_detected(artifact_root: Path, tmp_path: Path, tamp
     """Weights modified after the manifest was written: the coordinator's reuse check
     (torch-free) does not reuse it, and loading it fails with one line naming the
     directory to delete."""
-    from workers.artifacts import verified_manifest
+    from workers.artifacts import read_manifest, verified_manifest
     from workers.models import ArtifactLoadError, artifact_info, load_artifact
 
     root = tmp_path / "root"
@@ -388,6 +388,8 @@ def test_tampered_artifact_is_detected(artifact_root: Path, tmp_path: Path, tamp
     tamper(root / "pristine")
 
     assert verified_manifest(root, "pristine") is None, "a tampered artifact must not be reused"
+    # ...while it still reads as complete: what makes the coordinator warn before rebuilding
+    assert read_manifest(root, "pristine") is not None
     assert artifact_info(str(root), "pristine") is None
     with pytest.raises(ArtifactLoadError) as info:
         load_artifact(str(root), "pristine")

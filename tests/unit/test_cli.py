@@ -70,6 +70,22 @@ def test_db_current_and_upgrade(capsys, tmp_path):
     assert code == 0 and f"{head()} (up to date)" in out
 
 
+def test_db_current_on_a_store_from_a_newer_greensweep_says_upgrade_greensweep(capsys, tmp_path):
+    import sqlalchemy as sa
+
+    from orchestrator.store import head
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    assert _call(["db", "upgrade", "--db", db], capsys)[0] == 0
+    engine = sa.create_engine(db)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    code, out, _ = _call(["db", "current", "--db", db], capsys)
+    assert code == 0 and "9999_future (written by a newer greensweep" in out
+    assert f"needs {head()}" in out and "db upgrade" not in out
+
+
 def test_unreachable_store_masks_the_password(capsys):
     code, out, err = _call(["status", "--db", "postgresql://alice:s3cret-pw@127.0.0.1:1/x"], capsys)
     assert code == 3

@@ -138,3 +138,19 @@ def test_placements_and_carbon_savings(store: Store) -> None:
     assert s["saved_expected_g"] == 9.0 and s["saved_expected_pct"] == pytest.approx(90.0)
     assert s["measured_carbon_g"] == pytest.approx(72000 / 3.6e6 * 50.0)
     assert s["stages"][0]["moved"] is True
+
+
+def test_read_only_open_of_an_empty_database_refuses_and_writes_nothing(db_url: str) -> None:
+    import sqlalchemy as sa
+
+    from orchestrator.errors import StoreError
+
+    with pytest.raises(StoreError, match="is empty \\(no sweep has run there\\)"):
+        Store.open(db_url, create=False)
+    engine = sa.create_engine(db_url)
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    with Store.open(db_url) as store:  # a writer creates the schema as before
+        assert store.list_sweeps() == []
