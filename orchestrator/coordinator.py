@@ -65,8 +65,9 @@ class RunOptions:
 
     ``max_attempts``: attempts per stage when its worker dies (a stage that raises is not
     retried: it would raise again). ``stage_timeout_s``: an attempt running longer is
-    killed and counts as lost (timed from its dispatch). ``stale_after_s``: a coordinator
-    (or artifact claim) whose heartbeat is older is presumed dead. ``queue_depth``: at most
+    killed and counts as lost (timed from when it starts on its worker, not while it
+    waits in the worker's queue). ``stale_after_s``: a coordinator (or artifact claim)
+    whose heartbeat is older is presumed dead. ``queue_depth``: at most
     this many stages queued on one worker -- only stages of kinds whose median run is
     under ``SHORT_STAGE_S`` ever queue behind another (they still run one at a time
     there; it hides the dispatch round trip). Long stages and carbon-aware placement keep
@@ -284,6 +285,7 @@ class Coordinator:
         self._reuse_checked: set[str] = set()
         self._kind_s: dict[str, list[float]] = {}  # recent durations per kind: short stages pipeline
         self.in_flight: dict[Any, _Running] = {}
+        self._slot_done: dict[int, float] = {}  # id(slot) -> when its last stage's result came in
         self.claimed: set[str] = set()
         self.waiting_on: dict[str, str] = {}  # stage key -> sweep building its artifact
         self.cancelled = False
@@ -523,6 +525,7 @@ class Coordinator:
         lost: list[tuple[_Running, str]] = []
         for ref in ready:
             run = self.in_flight.pop(ref)
+            self._slot_done[id(run.slot)] = time.monotonic()
             try:
                 finished.append((run, self._install(ray.get(ref))))
             except ray.exceptions.RayActorError as e:
@@ -561,11 +564,20 @@ class Coordinator:
 
         limit = self.options.stage_timeout_s
         now = time.monotonic()
-        for ref, run in list(self.in_flight.items()):
-            if now - run.started_mono > limit:
+        # a worker runs its queue in order, one stage at a time: only the oldest stage
+        # dispatched to a slot is running, since the later of its dispatch and the end of
+        # the slot's previous stage; the clock of the stages queued behind it has not started
+        running: dict[int, tuple[Any, _Running]] = {}
+        for ref, run in self.in_flight.items():
+            head = running.get(id(run.slot))
+            if head is None or run.started_mono < head[1].started_mono:
+                running[id(run.slot)] = (ref, run)
+        for ref, run in running.values():
+            began = max(run.started_mono, self._slot_done.get(id(run.slot), 0.0))
+            if now - began > limit:
                 ray.kill(run.slot.handle)  # its other queued stages come back as lost
                 self.in_flight.pop(ref)
-                lost.append((run, f"the attempt ran past the stage timeout of {limit:.0f}s and was killed"))
+                lost.append((run, f"the attempt ran past the stage timeout of {limit:g}s and was killed"))
 
     def _handle_lost(self, lost: list[tuple[_Running, str]]) -> None:
         """Worker deaths: restart the worker where its node lives, drop the slot where the

@@ -7,9 +7,13 @@ costs (``benchmarks/overhead.py``). The kind is hidden: a sweep spec cannot name
 
 from __future__ import annotations
 
+import time
+
 from workers.types import StageOutput, StageTask, WorkerEnv
 
 
 def run(task: StageTask, env: WorkerEnv) -> StageOutput:
-    """Do nothing; the metrics echo the stage's index so a persisted row is traceable."""
+    """Do nothing (for ``sleep_s``, default 0); the metrics echo the stage's index so a
+    persisted row is traceable."""
+    time.sleep(float(task.params.get("sleep_s", 0.0)))
     return StageOutput(metrics={"index": int(task.params.get("index", 0))})

@@ -155,9 +155,11 @@ class EvaluateParams(_Params):
 class NoopParams(_Params):
     """A stage that does nothing and returns at once: it measures what the machinery
     itself costs per stage (``benchmarks/overhead.py``). ``index`` only tells otherwise
-    identical stages apart, so each gets its own key."""
+    identical stages apart, so each gets its own key; ``sleep_s`` makes it take that long
+    (tests of timeouts and queueing)."""
 
     index: int = Field(0, ge=0)
+    sleep_s: float = Field(0.0, ge=0, le=3600)
 
 
 @dataclass(frozen=True)
