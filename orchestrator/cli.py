@@ -196,6 +196,7 @@ def _execute(spec, plan_, store, *, db_url: str, address: str | None, region: st
         options = RunOptions(max_attempts=max_attempts or spec.scheduling.max_attempts,
                              stage_timeout_s=3600.0 * spec.scheduling.stage_timeout_h, transfer=transfer)
     cluster.connect(address, region=region, cluster_file=cluster_file)
+    _stop_on_sigterm()  # after connecting: Ray's own handler would print a stack and leave nodes behind
     pool = None
     display = None
     try:
@@ -266,6 +267,19 @@ def _execute(spec, plan_, store, *, db_url: str, address: str | None, region: st
         sys.exit(130)
     if outcome.status != "succeeded":
         sys.exit(1)
+
+
+def _stop_on_sigterm() -> None:
+    """``kill PID`` (SIGTERM) stops a sweep as Ctrl-C does: running stages are cancelled,
+    the sweep is marked cancelled (resumable), the simulated cluster is shut down. A
+    second SIGTERM is not caught."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _resume_state(store, sweep_id: str, plan_, root: str) -> dict[str, str]:

@@ -55,6 +55,7 @@ class Progress(Protocol):
     def stage_progress(self, stage: PlannedStage, report: dict[str, Any]) -> None: ...
     def stage_retrying(self, stage: PlannedStage, node: NodeInfo, attempt: int, reason: str) -> None: ...
     def stage_requeued(self, stage: PlannedStage, reason: str) -> None: ...
+    def stage_waiting(self, stage: PlannedStage, note: str) -> None: ...
     def warning(self, message: str) -> None: ...
     def close(self) -> None: ...
 
@@ -285,6 +286,7 @@ class Coordinator:
         self._reuse_checked: set[str] = set()
         self._kind_s: dict[str, list[float]] = {}  # recent durations per kind: short stages pipeline
         self.in_flight: dict[Any, _Running] = {}
+        self._held_notes: dict[str, str] = {}  # stage key -> last "waits for a cleaner window" note
         self._slot_done: dict[int, float] = {}  # id(slot) -> when its last stage's result came in
         self.claimed: set[str] = set()
         self.waiting_on: dict[str, str] = {}  # stage key -> sweep building its artifact
@@ -421,6 +423,10 @@ class Coordinator:
             if not free:
                 return
             decisions = self.placer.place(ready, free, self.pool.slots, self.status, self.plan)
+            for key, note in self.placer.held_notes(self.pool.slots).items():
+                if self._held_notes.get(key) != note:  # said once, and again when the plan moves it
+                    self._held_notes[key] = note
+                    self.progress.stage_waiting(self.plan.stage(key), note)
         else:
             decisions = []
             short = {k for k in self._kind_s if self._short(k)}

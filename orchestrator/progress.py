@@ -153,6 +153,10 @@ class LineProgress:
     def stage_requeued(self, stage: Any, reason: str) -> None:
         self._echo(f"           requeue {self._name(stage)}  ({reason})")
 
+    def stage_waiting(self, stage: Any, note: str) -> None:
+        """Carbon-aware placement holds the ready stage back for a cleaner window."""
+        self._echo(f"           waits   {self._name(stage)}  for a cleaner window: {note}")
+
     def warning(self, message: str) -> None:
         self._echo(f"warning: {message}")
 
@@ -337,6 +341,9 @@ class LiveProgress:
     def stage_requeued(self, stage: Any, reason: str) -> None:
         self._back_to_pending(stage)
         self._print_above(("requeue ", "yellow"), self._name(stage.key), f"  ({reason})")
+
+    def stage_waiting(self, stage: Any, note: str) -> None:
+        self._print_above(("waits   ", "cyan"), self._name(stage.key), f"  for a cleaner window: {note}")
 
     def warning(self, message: str) -> None:
         self._print_above(("warning: ", "yellow"), message)

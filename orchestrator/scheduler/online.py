@@ -100,6 +100,7 @@ class CarbonPlacer:
         self._signature: tuple[Any, ...] = ()
         self._running_since: dict[str, datetime] = {}
         self.replans = 0
+        self.held: dict[str, tuple[str, datetime, float]] = {}  # ready stages waiting for their window
 
     # -- events from the coordinator ----------------------------------------------------
 
@@ -123,10 +124,16 @@ class CarbonPlacer:
         return self._intensity_cache[key][offset:] or self._intensity_cache[key][-1:]
 
     def _instance(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any,
-                  now: datetime) -> dict[str, Any] | None:
-        horizon = HORIZON_S
+                  now: datetime, origin: datetime) -> dict[str, Any] | None:
+        """The planning instance at *now*. Its time 0 is *origin*, the start of the
+        current intensity step, so element k of each series covers exactly
+        ``[origin + k*step, origin + (k+1)*step)``; nothing starts before *now*
+        (``release_s``) or on a slot before its running stages are expected to end
+        (``busy_until_s``)."""
+        at = (now - origin).total_seconds()
+        horizon = at + HORIZON_S
         if self.deadline is not None:
-            horizon = max(horizon, (self.deadline - now).total_seconds())
+            horizon = max(horizon, (self.deadline - origin).total_seconds())
         node_types = {s.node.node_type for s in slots}
         nodes, types = [], {}
         left_s: dict[str, float] = {}  # expected time left of each running stage
@@ -141,7 +148,7 @@ class CarbonPlacer:
             node: dict[str, Any] = {"id": s.node.node_id, "node_type": s.node.node_type,
                                     "region": s.node.region or "", "slots": 1}
             if s.busy_keys:
-                node["busy_until_s"] = sum(left_s[k] for k in s.busy_keys)
+                node["busy_until_s"] = at + sum(left_s[k] for k in s.busy_keys)
             nodes.append(node)
         pending = {s.key for s in stages}
         tasks = []
@@ -154,14 +161,15 @@ class CarbonPlacer:
                                     "flexible": self.policy == "carbon-deadline" and st.kind in self.flexible_kinds,
                                     "depends_on": [st.parent_key] if st.parent_key in pending else []}
             if self.deadline is not None:
-                task["deadline_s"] = max(0.0, (self.deadline - now).total_seconds())
+                task["deadline_s"] = max(0.0, (self.deadline - origin).total_seconds())
+            task["release_s"] = at
             if st.parent_key and status.get(st.parent_key) == "running":
-                task["release_s"] = left_s.get(st.parent_key, 1.0)
+                task["release_s"] = at + left_s.get(st.parent_key, 1.0)
             tasks.append(task)
         if not tasks:
             return None
         regions = sorted({n["region"] for n in nodes})
-        intensity = {r: self._series(r, now, horizon) for r in regions}
+        intensity = {r: self._series(r, origin, horizon) for r in regions}
         return {"step_s": STEP_S, "node_types": types, "nodes": nodes, "tasks": tasks, "intensity": intensity}
 
     def _replan(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any) -> None:
@@ -169,15 +177,16 @@ class CarbonPlacer:
         from orchestrator.scheduler.planner import plan as make_plan
 
         now = self.clock()
+        origin = now.replace(minute=0, second=0, microsecond=0)  # STEP_S is one hour
         self._plan, self._fifo = {}, {}
-        data = self._instance(stages, slots, status, plan, now)
+        data = self._instance(stages, slots, status, plan, now, origin)
         self._dirty, self._planned_at = False, time.monotonic()
         if data is None:
             return
         instance = parse_instance(data)
         for policy, out in ((self.policy, self._plan), ("fifo", self._fifo)):
             for a in make_plan(instance, policy, effort=ONLINE_EFFORT).assignments:
-                out[a.task] = (a.node, now + timedelta(seconds=a.start_s), a.carbon_g)
+                out[a.task] = (a.node, origin + timedelta(seconds=a.start_s), a.carbon_g)
         self.replans += 1
 
     def place(self, ready: list[Any], free: list[Slot], slots: list[Slot], status: dict[str, str],
@@ -199,13 +208,15 @@ class CarbonPlacer:
         by_node = {s.node.node_id: s for s in free}
         taken: set[int] = set()
         out = []
+        self.held = {}
         for stage in ready:
             planned = self._plan.get(stage.key)
             if planned is None:
                 continue
             node_id, start, carbon_g = planned
             if (start - now).total_seconds() > START_TOLERANCE_S:
-                continue  # waits for its cleaner window
+                self.held[stage.key] = planned  # waits for its cleaner window
+                continue
             slot = by_node.get(node_id)
             if slot is None or id(slot) in taken:
                 self._dirty = True  # the plan expected a slot that is busy: plan again
@@ -214,6 +225,20 @@ class CarbonPlacer:
             self._running_since[stage.key] = now
             out.append((stage, slot, self._decision(stage, slot, start, carbon_g, slots)))
         return out
+
+    def held_notes(self, slots: list[Slot]) -> dict[str, str]:
+        """For each ready stage held back for a cleaner window: when and where it is
+        planned to start, and what the fifo counterfactual would emit by starting it now."""
+        where = {s.node.node_id: f"{s.node.node_type}/{s.node.region or '-'}" for s in slots}
+        notes = {}
+        for key, (node_id, start, carbon_g) in self.held.items():
+            text = f"planned start {start:%Y-%m-%d %H:%M} UTC on {where.get(node_id, node_id[:12])}, " \
+                   f"expected {carbon_g:.3g} g CO2"
+            fifo = self._fifo.get(key)
+            if fifo is not None:
+                text += f"; fifo would start it {fifo[1]:%H:%M} on {where.get(fifo[0], fifo[0][:12])}, {fifo[2]:.3g} g"
+            notes[key] = text
+        return notes
 
     def _decision(self, stage: Any, slot: Slot, start: datetime, carbon_g: float,
                   slots: list[Slot]) -> dict[str, Any]:

@@ -162,7 +162,11 @@ def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Pa
     assert again.returncode == 0 and "already succeeded" in again.stdout
 
 
-def test_cancel_stops_a_running_sweep_and_resume_finishes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["cancel", "sigterm"])
+def test_cancel_or_sigterm_stops_a_running_sweep_resumably(tmp_path: Path, how: str) -> None:
+    """``greensweep cancel`` and ``kill PID`` (SIGTERM) both stop the sweep cleanly: its
+    running stage is cancelled, the sweep is resumable, and no traceback or Ray stack
+    dump reaches the user."""
     db = f"sqlite:///{tmp_path}/store.db"
     env = _env(tmp_path, db)
     proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=40)), "--progress", "plain"],
@@ -171,15 +175,19 @@ def test_cancel_stops_a_running_sweep_and_resume_finishes_it(tmp_path: Path) -> 
         sweep_id = _wait_for(lambda: _latest_sweep(db), 120, "the sweep to be recorded")
         with Store.open(db) as store:
             _wait_for(lambda: _stage(store, sweep_id, "train").status == "running", 120, "training to start")
-        c = subprocess.run([GREENSWEEP, "cancel", sweep_id], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=60)
-        assert c.returncode == 0 and "cancel requested" in c.stdout, c.stdout + c.stderr
+        if how == "cancel":
+            c = subprocess.run([GREENSWEEP, "cancel", sweep_id], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=60)
+            assert c.returncode == 0 and "cancel requested" in c.stdout, c.stdout + c.stderr
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out
     assert f"greensweep resume {sweep_id}" in out
+    assert "Traceback" not in out and "SIGTERM received" not in out
     with Store.open(db) as store:
         assert store.get_sweep(sweep_id).status == "cancelled"
         train = _stage(store, sweep_id, "train")

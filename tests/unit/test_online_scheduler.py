@@ -128,3 +128,19 @@ def test_a_finished_stage_teaches_the_estimates_and_forces_a_replan() -> None:
     e = p.estimates.get("train", "cpu-xeon")
     assert (e.source, e.duration_s, e.power_w) == ("measured", 50.0, 20.0)
     assert p._dirty
+
+
+def test_the_plan_keeps_the_clock_hours_of_the_intensity_series() -> None:
+    """Re-planned at 12:30, the series' element for 13:00-14:00 still covers 13:00-14:00:
+    the training waits for 13:00 sharp, not for 13:30 (an axis starting at "now")."""
+    clean = slot("n-fr", "cpu-xeon", "FR")
+    now = [T0 + timedelta(minutes=30)]
+    p = placer("carbon-deadline", {"FR": [500.0, 50.0] + [500.0] * 70}, deadline=T0 + timedelta(hours=24), now=now)
+    status = {"k-train": "pending", "k-ev-s": "pending", "k-ev-x": "pending"}
+    assert p.place([TRAIN], [clean], [clean], status, PLAN) == []
+    assert p.held["k-train"][1] == T0 + timedelta(hours=1)
+    assert "planned start 2026-11-22 13:00 UTC on cpu-xeon/FR" in p.held_notes([clean])["k-train"]
+    now[0] = T0 + timedelta(hours=1)
+    ((stage, chosen, d),) = p.place([TRAIN], [clean], [clean], status, PLAN)
+    assert chosen is clean and d["start_at"] == T0 + timedelta(hours=1)
+    assert d["expected_intensity_g_per_kwh"] == pytest.approx(50.0)

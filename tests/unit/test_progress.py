@@ -81,6 +81,7 @@ def test_non_terminal_stream_gets_plain_lines_for_every_event():
     p.stage_finished(s["k-p6"], failed("out of memory [CUDA]"), 3, 6)
     p.stage_skipped(s["k-e6"], "parent failed")
     p.warning("no carbon figure for prune(ratio=0.3)")
+    p.stage_waiting(s["k-p3"], "planned start 2026-11-23 04:00 UTC on cpu-xeon/FR, expected 1.2 g CO2")
     p.close()
     lines = out.getvalue().splitlines()
     assert lines == [
@@ -93,6 +94,8 @@ def test_non_terminal_stream_gets_plain_lines_for_every_event():
         "[  3/  6] FAILED  prune(ratio=0.6)  out of memory [CUDA]",
         "           skipped evaluate(cpu) of prune(ratio=0.6)  (a parent stage failed)",
         "warning: no carbon figure for prune(ratio=0.3)",
+        "           waits   prune(ratio=0.3)  for a cleaner window: planned start 2026-11-23 04:00 UTC on "
+        "cpu-xeon/FR, expected 1.2 g CO2",
     ]
     assert not ANSI.search(out.getvalue())
 
@@ -241,6 +244,7 @@ def test_forced_terminal_live_output_keeps_failures_above_the_final_table():
     p.stage_finished(BY_KEY["k-p6"], failed("loss diverged [nan]"), 4, 6)
     p.stage_skipped(BY_KEY["k-e6"], "parent failed")
     p.warning("region 'local' has no intensity data")
+    p.stage_waiting(BY_KEY["k-p3"], "planned start 04:00 UTC")
     p.stage_retrying(BY_KEY["k-e3"], NODE_B, 2, "node bbbbbbbb (cpu-epyc) left the cluster")
     p.stage_started(BY_KEY["k-e3"], NODE_A)
     p.close()
@@ -251,6 +255,7 @@ def test_forced_terminal_live_output_keeps_failures_above_the_final_table():
     final = text.rindex("done 3/6")
     for persisted in ("FAILED  prune(ratio=0.6)  loss diverged [nan]",
                       "warning: region 'local' has no intensity data",
+                      "waits   prune(ratio=0.3)  for a cleaner window: planned start 04:00 UTC",
                       "retry   evaluate(cpu) of prune(ratio=0.3)  attempt 2: node bbbbbbbb (cpu-epyc) left the "
                       "cluster"):
         assert 0 <= text.index(persisted) < final
