@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -455,3 +456,14 @@ def test_cli_effort_bounds_the_search_and_seed_reproduces(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["carbon", "plan", "--instance", str(path), "--effort", "-1"])
     assert e.value.code == 2 and "--effort" in capsys.readouterr().err
+
+
+def test_the_shipped_example_instance_plans_under_every_policy():
+    from orchestrator.scheduler.instance import load_instance
+
+    inst = load_instance(Path(__file__).resolve().parents[2] / "examples" / "carbon-plan-instance.json")
+    got = {p: plan(inst, p) for p in ("fifo", "greedy-carbon", "carbon-deadline")}
+    assert all(p.deadline_misses == 0 for p in got.values())
+    assert got["carbon-deadline"].carbon_g < 0.5 * got["fifo"].carbon_g and not got["carbon-deadline"].fell_back_to_fifo
+    train = by_task(got["carbon-deadline"])["train"]
+    assert train.node == "a100-fr"  # the clean grid, on the fast GPU
