@@ -286,7 +286,7 @@ class Coordinator:
         self._reuse_checked: set[str] = set()
         self._kind_s: dict[str, list[float]] = {}  # recent durations per kind: short stages pipeline
         self.in_flight: dict[Any, _Running] = {}
-        self._held_notes: dict[str, str] = {}  # stage key -> last "waits for a cleaner window" note
+        self._held_notes: dict[str, tuple[str, str]] = {}  # stage key -> (node, start) last said it waits for
         self._slot_done: dict[int, float] = {}  # id(slot) -> when its last stage's result came in
         self.claimed: set[str] = set()
         self.waiting_on: dict[str, str] = {}  # stage key -> sweep building its artifact
@@ -423,9 +423,9 @@ class Coordinator:
             if not free:
                 return
             decisions = self.placer.place(ready, free, self.pool.slots, self.status, self.plan)
-            for key, note in self.placer.held_notes(self.pool.slots).items():
-                if self._held_notes.get(key) != note:  # said once, and again when the plan moves it
-                    self._held_notes[key] = note
+            for key, (where_when, note) in self.placer.held_notes(self.pool.slots).items():
+                if self._held_notes.get(key) != where_when:  # said once, and again when the plan moves it
+                    self._held_notes[key] = where_when
                     self.progress.stage_waiting(self.plan.stage(key), note)
         else:
             decisions = []

@@ -35,6 +35,7 @@ REPLAN_S = 30.0
 STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
 HORIZON_S = 48 * 3600.0  # intensity looked ahead without a deadline
 START_TOLERANCE_S = 1.0  # a planned start this close to now is "now"
+WAIT_NOTE_S = 300.0  # a held stage is reported when it starts this much later than fifo would start it
 ONLINE_EFFORT = 1000  # carbon-deadline search budget per re-plan (~0.1 s for a few hundred stages)
 DEFAULT_STAGE_S: dict[str, float] = {"train": 600.0, "finetune": 300.0, "distill": 300.0,
                                      "prune": 60.0, "quantize": 60.0, "evaluate": 60.0}
@@ -226,18 +227,22 @@ class CarbonPlacer:
             out.append((stage, slot, self._decision(stage, slot, start, carbon_g, slots)))
         return out
 
-    def held_notes(self, slots: list[Slot]) -> dict[str, str]:
-        """For each ready stage held back for a cleaner window: when and where it is
-        planned to start, and what the fifo counterfactual would emit by starting it now."""
+    def held_notes(self, slots: list[Slot]) -> dict[str, tuple[tuple[str, str], str]]:
+        """Ready stages held back for a cleaner window -- planned to start more than
+        :data:`WAIT_NOTE_S` after the fifo counterfactual would start them (not merely
+        queued for a busy slot, as fifo would be too): key -> ((node id, planned start to
+        the minute), text saying when and where, and what fifo would emit instead)."""
         where = {s.node.node_id: f"{s.node.node_type}/{s.node.region or '-'}" for s in slots}
         notes = {}
         for key, (node_id, start, carbon_g) in self.held.items():
+            fifo = self._fifo.get(key)
+            if fifo is not None and (start - fifo[1]).total_seconds() <= WAIT_NOTE_S:
+                continue
             text = f"planned start {start:%Y-%m-%d %H:%M} UTC on {where.get(node_id, node_id[:12])}, " \
                    f"expected {carbon_g:.3g} g CO2"
-            fifo = self._fifo.get(key)
             if fifo is not None:
                 text += f"; fifo would start it {fifo[1]:%H:%M} on {where.get(fifo[0], fifo[0][:12])}, {fifo[2]:.3g} g"
-            notes[key] = text
+            notes[key] = ((node_id, f"{start:%Y-%m-%d %H:%M}"), text)
         return notes
 
     def _decision(self, stage: Any, slot: Slot, start: datetime, carbon_g: float,

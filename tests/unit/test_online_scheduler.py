@@ -139,8 +139,20 @@ def test_the_plan_keeps_the_clock_hours_of_the_intensity_series() -> None:
     status = {"k-train": "pending", "k-ev-s": "pending", "k-ev-x": "pending"}
     assert p.place([TRAIN], [clean], [clean], status, PLAN) == []
     assert p.held["k-train"][1] == T0 + timedelta(hours=1)
-    assert "planned start 2026-11-22 13:00 UTC on cpu-xeon/FR" in p.held_notes([clean])["k-train"]
+    where_when, note = p.held_notes([clean])["k-train"]
+    assert where_when == ("n-fr", "2026-11-22 13:00") and "planned start 2026-11-22 13:00 UTC on cpu-xeon/FR" in note
+    assert "fifo would start it 12:30 on cpu-xeon/FR" in note
     now[0] = T0 + timedelta(hours=1)
     ((stage, chosen, d),) = p.place([TRAIN], [clean], [clean], status, PLAN)
     assert chosen is clean and d["start_at"] == T0 + timedelta(hours=1)
     assert d["expected_intensity_g_per_kwh"] == pytest.approx(50.0)
+
+
+def test_a_stage_only_queued_for_a_busy_slot_is_not_reported_as_waiting() -> None:
+    a = PlannedStage(key="k-pa", kind="prune", params={}, parent_key=None, label="prune a")
+    b = PlannedStage(key="k-pb", kind="prune", params={}, parent_key=None, label="prune b")
+    clean = slot("n-fr", "cpu-xeon", "FR")
+    p = placer("greedy-carbon", {"FR": [40.0] * 72})
+    ((stage, _, _),) = p.place([a, b], [clean], [clean], {"k-pa": "pending", "k-pb": "pending"}, FakePlan([a, b]))
+    assert stage is a and set(p.held) == {"k-pb"}  # planned after a, on the only slot: as fifo would
+    assert p.held_notes([clean]) == {}
