@@ -572,8 +572,14 @@ class Store:
 
     def placements(self, sweep_id: str) -> list[PlacementRecord]:
         """The sweep's placement decisions, each with the carbon measured for the stage
-        (None until accounted), in plan order."""
+        (None until accounted), in plan order. An evaluation has no stage-level energy:
+        its figure is the sum of its measured repeats (the timed windows, not warm-up)."""
         with self._session(write=False) as session:
+            repeats = dict(session.execute(
+                select(MeasurementModel.stage_key, func.sum(MeasurementModel.carbon_g))
+                .where(MeasurementModel.sweep_id == sweep_id, MeasurementModel.carbon_g.is_not(None))
+                .group_by(MeasurementModel.stage_key)
+            ).all())
             rows = session.execute(
                 select(PlacementModel, StageModel.kind, StageModel.carbon_g, StageModel.status)
                 .join(StageModel, (StageModel.sweep_id == PlacementModel.sweep_id)
@@ -584,7 +590,10 @@ class Store:
             out = []
             for p, kind, carbon, status in rows:
                 values = {c.name: getattr(p, c.name) for c in PlacementModel.__table__.columns}
-                out.append(PlacementRecord(**values, kind=kind, stage_status=status, measured_carbon_g=carbon))
+                if carbon is None:
+                    carbon = repeats.get(p.stage_key)
+                out.append(PlacementRecord(**values, kind=kind, stage_status=status,
+                                           measured_carbon_g=None if carbon is None else float(carbon)))
             return out
 
     def stage_durations(self, limit: int = 5000) -> list[tuple[str, str | None, float, float | None]]:

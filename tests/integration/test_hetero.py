@@ -83,6 +83,8 @@ def test_carbon_aware_placement_pinning_and_object_store_transfer(tmp_path: Path
         assert p.region == "FR" and p.fifo_region == "DE"  # fifo: the first node, in DE
         assert p.expected_carbon_g < p.fifo_expected_carbon_g
         assert p.measured_carbon_g is not None and p.measured_carbon_g > 0
+        # every stage has a measured figure, evaluations the sum of their timed repeats
+        assert all(q.measured_carbon_g and q.measured_carbon_g > 0 for q in placements.values())
         rows = store.results(sweep_id)
         assert sorted(r.point_index for r in rows) == [0, 1, 2, 3]
         assert sorted(r.target for r in rows) == ["cpu-small", "cpu-small", "cpu-xeon", "cpu-xeon"]
