@@ -251,5 +251,19 @@ def require_targets(nodes: list[NodeInfo], targets: tuple[str, ...]) -> None:
         if t not in have:
             raise ClusterError(
                 f"evaluate.targets: no live node of type {t!r} (live node types: {', '.join(sorted(have))}) -- "
-                "start such a node or remove the target"
+                f"start such a node or remove the target{_simulated_hint(t)}"
             )
+
+
+def _simulated_hint(node_type: str) -> str:
+    """How to try *node_type* on one machine, when the shipped simulated cluster has it."""
+    from orchestrator.catalog import CLUSTERS_DIR, load_simulated_cluster
+
+    path = CLUSTERS_DIR / "local-sim.yaml"
+    try:
+        types = sorted({n.node_type for n in load_simulated_cluster(path).nodes})
+    except Exception:  # noqa: BLE001 - a hint only; a broken or missing file gives none
+        return ""
+    if node_type not in types:
+        return ""
+    return f", or simulate it on this machine with --cluster {path} ({', '.join(types)} on one host)"

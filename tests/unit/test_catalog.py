@@ -130,3 +130,17 @@ def test_kuberay_manifest_structure_and_autoscaler_view() -> None:
     for g in groups:
         assert derived[g["groupName"]]["labels"] == g["labels"]
     assert derived["gpu-t4"]["resources"]["GPU"] == 1
+
+
+def test_a_missing_target_type_names_the_simulated_cluster_when_it_has_that_type() -> None:
+    from orchestrator.cluster import NodeInfo, require_targets
+    from orchestrator.errors import ClusterError
+
+    local = [NodeInfo(node_id="n1", node_type="local", region=None, num_cpus=2, num_gpus=0, address="127.0.0.1")]
+    with pytest.raises(ClusterError) as e:
+        require_targets(local, ("cpu-xeon",))
+    assert "no live node of type 'cpu-xeon' (live node types: local)" in str(e.value)
+    assert f"--cluster {CLUSTERS_DIR / 'local-sim.yaml'} (cpu-small, cpu-xeon on one host)" in str(e.value)
+    with pytest.raises(ClusterError) as e:
+        require_targets(local, ("gpu-a100",))
+    assert "--cluster" not in str(e.value)  # the simulated cluster has no such type
