@@ -241,7 +241,9 @@ def _execute(spec, plan_, store, *, db_url: str, address: str | None, region: st
                        "and energy are not a hardware comparison")
         display = make_progress(plan_, live={"auto": None, "live": True, "plain": False}[progress_mode],
                                 initial_status=initial)
-        placer = make_placer(spec, store, carbon, datetime.now(timezone.utc), display.warning)
+        # the deadline runs from the sweep's creation, also when it is resumed
+        started_at = datetime.now(timezone.utc) if resume_id is None else store.get_sweep(sweep_id).created_at
+        placer = make_placer(spec, store, carbon, started_at, display.warning)
         coord = Coordinator(store=store, spec=spec, plan=plan_, sweep_id=sweep_id, artifact_root=root,
                             pool=pool, progress=display, carbon=carbon, placer=placer, options=options,
                             initial_status=initial)
