@@ -47,7 +47,7 @@ ALWAYS_FLEXIBLE = ("train", "finetune", "distill")
 class Estimate:
     duration_s: float
     power_w: float
-    source: str  # "measured" | "catalog"
+    source: str  # "measured" | "scaled" | "catalog"
 
 
 class Estimates:
@@ -73,13 +73,30 @@ class Estimates:
         return nt.cpu_tdp_w + nt.gpu_power_w, nt.relative_speed
 
     def get(self, kind: str, node_type: str) -> Estimate:
+        """``measured``: medians of this kind's runs on this node type. ``scaled``: none
+        here, but runs on another type, scaled by the catalog's ratios of relative speed
+        and nominal power -- so a node type nobody ran yet is compared on the same footing
+        as one that was measured (not at full nominal power against a measured few
+        watts). ``catalog``: no run of this kind anywhere -- default durations divided by
+        ``relative_speed``, at nominal power."""
         power, speed = self._nominal(node_type)
         samples = self._samples.get((kind, node_type))
         if samples:
-            duration = statistics.median(d for d, _ in samples)
-            powers = [e / d for d, e in samples if e is not None and d > 0]
-            return Estimate(duration, statistics.median(powers) if powers else power, "measured")
+            return Estimate(*self._medians(samples, power), "measured")
+        others = [(len(v), t) for (k, t), v in self._samples.items() if k == kind]
+        if others:
+            _, other = max(others)
+            other_power, other_speed = self._nominal(other)
+            duration, measured_power = self._medians(self._samples[(kind, other)], other_power)
+            return Estimate(duration * other_speed / speed, measured_power * power / other_power, "scaled")
         return Estimate(DEFAULT_STAGE_S.get(kind, 60.0) / speed, power, "catalog")
+
+    @staticmethod
+    def _medians(samples: list[tuple[float, float | None]], nominal_w: float) -> tuple[float, float]:
+        """Median duration and median power (nominal when no energy was measured)."""
+        duration = statistics.median(d for d, _ in samples)
+        powers = [e / d for d, e in samples if e is not None and d > 0]
+        return duration, statistics.median(powers) if powers else nominal_w
 
 
 class CarbonPlacer:

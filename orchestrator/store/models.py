@@ -235,7 +235,7 @@ class PlacementModel(Base):
     expected_energy_j: Mapped[float] = mapped_column(Float)
     expected_intensity_g_per_kwh: Mapped[float | None] = mapped_column(Float)
     expected_carbon_g: Mapped[float | None] = mapped_column(Float)
-    estimate_source: Mapped[str] = mapped_column(String(_SHORT))  # "measured" (store) | "catalog"
+    estimate_source: Mapped[str] = mapped_column(String(_SHORT))  # "measured" | "scaled" | "catalog"
     fifo_node_id: Mapped[str] = mapped_column(String(_ID))
     fifo_node_type: Mapped[str | None] = mapped_column(String(_NAME))
     fifo_region: Mapped[str | None] = mapped_column(String(_NAME))

@@ -106,6 +106,15 @@ def test_measured_durations_replace_the_catalog() -> None:
     assert est.get("prune", "cpu-xeon").source == "catalog"
 
 
+def test_a_type_not_measured_yet_is_scaled_from_one_that_was() -> None:
+    """cpu-small (15 W, speed 0.5) from cpu-xeon runs (160 W, speed 2): 4x the time at
+    15/160 of the measured power -- not 15 W nominal against a measured 50 W."""
+    est = Estimates([("train", "cpu-xeon", 100.0, 5000.0), ("train", "cpu-xeon", 300.0, 15000.0)], load_catalog())
+    e = est.get("train", "cpu-small")
+    assert e.source == "scaled"
+    assert e.duration_s == pytest.approx(200.0 * 2 / 0.5) and e.power_w == pytest.approx(50.0 * 15 / 160)
+
+
 def test_policy_defaults() -> None:
     from types import SimpleNamespace
 
