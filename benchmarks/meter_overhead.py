@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from workers.hardware import cpu_model
-from workers.meters import NullMeter, make_meter
+from workers.meters import NullMeter
 from workers.models import build_model, save_artifact
 from workers.stages import evaluate
 from workers.types import DatasetRef, ModelRef, StageTask, WorkerEnv

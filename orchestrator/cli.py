@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from orchestrator.errors import GreensweepError, SpecError, UsageError, mask_url
-from orchestrator.progress import LineProgress, _progress_text, make_progress  # noqa: F401 - LineProgress re-exported
+from orchestrator.errors import GreensweepError, UsageError, mask_url
+from orchestrator.progress import _progress_text, make_progress
 
 DEFAULT_ARTIFACTS = "./.greensweep/artifacts"
 
@@ -53,10 +53,6 @@ def _open_store(db: str | None, spec_store: str | None = None, *, must_exist: bo
         raise UsageError(
             f"no store at {path} -- run a sweep first (greensweep run SPEC) or point --db at an existing store"
         )
-    if must_exist and path is not None and path.is_file() and path.stat().st_size == 0:
-        from orchestrator.store.migrations import empty_store_error
-
-        raise empty_store_error(str(path))  # before connecting: even that writes a SQLite header
     return Store.open(url, create=not must_exist)
 
 

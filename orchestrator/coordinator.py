@@ -488,9 +488,9 @@ class Coordinator:
 
     def _file_bytes(self, entry: str) -> bytes:
         from orchestrator.errors import ArtifactError
-        from workers.artifacts import FILE_PREFIX
+        from workers.artifacts import parse_file_entry
 
-        path = entry.removeprefix(FILE_PREFIX).partition(":")[2]
+        _, path = parse_file_entry(entry)
         try:
             return Path(path).read_bytes()
         except OSError as e:

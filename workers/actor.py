@@ -122,9 +122,9 @@ class StageWorker:
 
 def _with_local_file(task: StageTask, entry: str, local: Any) -> StageTask:
     """*task* reading the node-local copy *local* wherever it named the shipped file."""
-    from workers.artifacts import FILE_PREFIX
+    from workers.artifacts import parse_file_entry
 
-    path = entry.removeprefix(FILE_PREFIX).partition(":")[2]
+    _, path = parse_file_entry(entry)
     if task.model.checkpoint == path:
         task = dataclasses.replace(task, model=dataclasses.replace(task.model, checkpoint=str(local)))
     if task.params.get("teacher") == f"checkpoint:{path}":

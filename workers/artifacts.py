@@ -132,6 +132,14 @@ def file_entry(sha256: str, path: str) -> str:
     return f"{FILE_PREFIX}{sha256}:{path}"
 
 
+def parse_file_entry(entry: str) -> tuple[str, str]:
+    """``(sha256, path)`` of a :func:`file_entry`."""
+    sha, _, path = entry.removeprefix(FILE_PREFIX).partition(":")
+    if not sha or not path:
+        raise ArtifactTransferError(f"malformed shipped-file entry {entry!r}")
+    return sha, path
+
+
 def install_file(root: str | Path, entry: str, blob: bytes) -> Path:
     """Install a shipped file under ``<root>/files/<sha256>/<name>`` and return its path.
 
@@ -142,9 +150,7 @@ def install_file(root: str | Path, entry: str, blob: bytes) -> Path:
     import os
     import tempfile
 
-    sha, _, path = entry.removeprefix(FILE_PREFIX).partition(":")
-    if not sha or not path:
-        raise ArtifactTransferError(f"malformed shipped-file entry {entry!r}")
+    sha, path = parse_file_entry(entry)
     dest_dir = Path(root) / FILES_DIR / sha
     dest = dest_dir / (Path(path).name or "file")
     if dest.is_file() and sha256_file(dest) == sha:

@@ -29,7 +29,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
 from orchestrator.scheduler import Slot, compatible
-from workers.stages.registry import get_kind
 
 REPLAN_S = 30.0
 STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
@@ -132,14 +131,14 @@ class CarbonPlacer:
 
     # -- planning ------------------------------------------------------------------------
 
-    def _series(self, region: str, t0: datetime, horizon_s: float) -> list[float]:
-        hour = t0.replace(minute=0, second=0, microsecond=0)
-        key = (region, hour)
+    def _series(self, region: str, origin: datetime, horizon_s: float) -> list[float]:
+        """Hourly intensity of *region* from *origin* (the start of an hour), fetched
+        once per (region, hour)."""
+        key = (region, origin)
         if key not in self._intensity_cache:
-            end = hour + timedelta(seconds=horizon_s + 2 * STEP_S)
-            self._intensity_cache[key] = list(self.provider.series(region, hour, end, STEP_S))
-        offset = int((t0 - hour).total_seconds() // STEP_S)
-        return self._intensity_cache[key][offset:] or self._intensity_cache[key][-1:]
+            end = origin + timedelta(seconds=horizon_s + 2 * STEP_S)
+            self._intensity_cache[key] = list(self.provider.series(region, origin, end, STEP_S))
+        return self._intensity_cache[key]
 
     def _instance(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any,
                   now: datetime, origin: datetime) -> dict[str, Any] | None:

@@ -42,7 +42,7 @@ from orchestrator.store.records import (
     StageRecord,
     SweepRecord,
 )
-from orchestrator.store.session import SessionScope, create_engine_for, default_db_url
+from orchestrator.store.session import SessionScope, create_engine_for, default_db_url, sqlite_file
 from workers.types import EnergyReading, StageResult
 
 if TYPE_CHECKING:
@@ -97,9 +97,12 @@ class Store:
         raises it. With *create* false (read-only use) an empty database is an error and
         is left untouched.
         """
-        from orchestrator.store.migrations import ensure_schema
+        from orchestrator.store.migrations import empty_store_error, ensure_schema
 
         url = url or default_db_url()
+        path = sqlite_file(url)
+        if not create and path is not None and path.is_file() and path.stat().st_size == 0:
+            raise empty_store_error(str(path))  # before connecting: even that writes a SQLite header
         engine = create_engine_for(url)
         try:
             ensure_schema(engine, url, upgrade=upgrade, create=create)

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.cli import main
+from tests.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 CASES_FILE = REPO / "tests" / "bad_inputs" / "cases.yaml"
@@ -235,12 +235,7 @@ def test_bad_input(case: dict[str, Any], scratch: Path, monkeypatch: pytest.Monk
     argv = [a.replace("{tmp}", str(tmp)) for a in case["argv"]]
 
     caplog.set_level(logging.DEBUG)
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(argv, capsys)
 
     assert code == case["exit"], f"exit {code}, expected {case['exit']}; stderr: {err!r}"
     assert err.startswith("error: "), f"stderr must be one 'error:' line: {err!r}"

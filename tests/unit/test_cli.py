@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.cli import main
+from tests.cli import run_cli as _call
 
 COMMANDS = [[], ["run"], ["plan"], ["status"], ["results"], ["resume"], ["cancel"], ["compare"], ["pareto"],
             ["report"], ["nodes"], ["carbon"], ["carbon", "plan"], ["carbon", "savings"], ["db"], ["db", "upgrade"],
             ["db", "current"]]
-
-
-def _call(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "greensweep")

@@ -30,6 +30,7 @@ from orchestrator.report import (
 )
 from orchestrator.report.plots import prune_series, short_label
 from orchestrator.store.records import NodeRecord, ResultRow, StageRecord, SweepRecord
+from tests.cli import run_cli as _call
 
 # ------------------------------------------------------------------ hand-built data
 
@@ -405,16 +406,6 @@ def test_build_report_without_measurements_or_placement() -> None:
 
 
 # ------------------------------------------------------------------ CLI
-
-
-def _call(argv: list[str], capsys) -> tuple[int, str, str]:
-    from orchestrator.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 @pytest.mark.parametrize("cmd", ["compare", "pareto", "report"])

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.spec import SweepSpec, count_points, load_spec, parse_spec
+from tests.cli import run_cli
 from workers.stages.registry import EvaluateParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,17 +45,6 @@ def _expected(path: Path) -> str:
 
 def _ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
-
-
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console entry point in-process; (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- the bad corpus ------------------------------------------------------------------------
@@ -84,7 +73,7 @@ def test_bad_spec_raises_one_line_spec_error(path: Path):
 @pytest.mark.parametrize("path", BAD_SPECS, ids=_ids(BAD_SPECS))
 def test_cli_plan_bad_spec_exits_2_with_one_error_line(path: Path, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run_cli(["plan", str(path)], capsys)
+    code, out, err = run_cli(["plan", str(path)], capsys)
     assert code == 2
     assert out == ""
     assert err.endswith("\n") and err.count("\n") == 1, f"stderr must be exactly one line: {err!r}"
@@ -96,7 +85,7 @@ def test_cli_plan_bad_spec_exits_2_with_one_error_line(path: Path, tmp_path: Pat
 
 def test_cli_plan_json_bad_spec_also_exits_2(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run_cli(["plan", "--json", str(SPECS / "bad" / "prune_ratio_above_one.yaml")], capsys)
+    code, out, err = run_cli(["plan", "--json", str(SPECS / "bad" / "prune_ratio_above_one.yaml")], capsys)
     assert (code, out) == (2, "")
     assert err.startswith("error: pipelines[0].stages[0].prune.ratio: ") and err.count("\n") == 1
 
@@ -133,7 +122,7 @@ def test_greensweep_script_bad_specs_in_subprocesses(tmp_path: Path):
 
 def test_cli_plan_missing_spec_file(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run_cli(["plan", "nope.yaml"], capsys)
+    code, out, err = run_cli(["plan", "nope.yaml"], capsys)
     assert (code, out) == (2, "")
     assert err.startswith("error: spec file not found: nope.yaml") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
@@ -142,7 +131,7 @@ def test_cli_plan_missing_spec_file(tmp_path: Path, monkeypatch, capsys):
 def test_cli_plan_directory_instead_of_file(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "specdir").mkdir()
-    code, out, err = _run_cli(["plan", "specdir"], capsys)
+    code, out, err = run_cli(["plan", "specdir"], capsys)
     assert (code, out) == (2, "")
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -232,7 +221,7 @@ def test_good_specs_load(path: Path):
 @pytest.mark.parametrize("path", [QUICKSTART, *GOOD_SPECS], ids=["quickstart", *_ids(GOOD_SPECS)])
 def test_cli_plan_good_spec_exits_0_and_writes_nothing(path: Path, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run_cli(["plan", str(path)], capsys)
+    code, out, err = run_cli(["plan", str(path)], capsys)
     assert (code, err) == (0, "")
     assert out.startswith("sweep ")
     assert list(tmp_path.iterdir()) == []
