@@ -10,9 +10,10 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
-from orchestrator.scheduler import planner as planner_module
 from orchestrator.scheduler.instance import Node, Task, parse_instance
 from orchestrator.scheduler.planner import POLICIES, Plan, plan
+from orchestrator.scheduler.planner import carbon as planner_carbon
+from orchestrator.scheduler.planner.search import _Planner
 
 H = 3600
 GPU = {"gpu": {"power_w": 1000}}
@@ -376,7 +377,8 @@ def test_default_search_is_deterministic_and_no_worse_than_a_short_one(seed):
 def test_per_task_breakpoint_tables_match_the_cached_ones(seed, monkeypatch):
     inst = parse_instance(random_doc(random.Random(200 + seed)))
     cached = plan(inst, "carbon-deadline", effort=0)
-    monkeypatch.setattr(planner_module, "_TABLE_BYTES", 0)  # as if durations were too many to tabulate
+    monkeypatch.setattr(planner_carbon, "_TABLE_BYTES", 0)  # as if durations were too many to tabulate
+    assert _Planner(inst, planner_carbon.CarbonIntegrator(inst)).lane_carbon.tables() is None  # the per-task path
     assert plan(inst, "carbon-deadline", effort=0) == cached
 
 
@@ -466,3 +468,44 @@ def test_the_shipped_example_instance_plans_under_every_policy():
     assert got["carbon-deadline"].carbon_g < 0.5 * got["fifo"].carbon_g and not got["carbon-deadline"].fell_back_to_fifo
     train = by_task(got["carbon-deadline"])["train"]
     assert train.node == "a100-fr"  # the clean grid, on the fast GPU
+
+
+# (policy, carbon_g, makespan_s, (node, start_s) per task in instance order), recorded from
+# the planner before it was split into a package; a deliberate change to a policy or to
+# the search updates these, an accidental one (a refactor, a reordered tie) fails here
+EXAMPLE_PLANS = [
+    ("fifo", 701.8831666666666, 23700, [
+        ("a100-de", 0), ("a100-de", 14400), ("a100-fr", 14400), ("a100-de", 14700), ("a100-fr", 14700),
+        ("t4-gb", 21900), ("t4-gb", 22500), ("xeon-de", 21900), ("xeon-de", 21900)]),
+    ("greedy-carbon", 204.86988333333332, 38400, [
+        ("a100-fr", 0), ("a100-fr", 14400), ("t4-gb", 14400), ("a100-fr", 14700), ("t4-gb", 15000),
+        ("t4-gb", 36600), ("t4-gb", 37200), ("xeon-de", 21900), ("xeon-de", 36600)]),
+    ("carbon-deadline", 128.44763333333333, 109800, [
+        ("a100-fr", 68400), ("a100-fr", 82800), ("t4-gb", 82800), ("a100-fr", 83100), ("a100-fr", 100800),
+        ("t4-gb", 90300), ("t4-gb", 108000), ("xeon-de", 90300), ("xeon-de", 108000)]),
+]
+
+
+@pytest.mark.parametrize("policy, carbon_g, makespan_s, placed", EXAMPLE_PLANS, ids=[p[0] for p in EXAMPLE_PLANS])
+def test_the_shipped_example_plans_are_pinned(policy, carbon_g, makespan_s, placed):
+    from orchestrator.scheduler.instance import load_instance
+
+    inst = load_instance(Path(__file__).resolve().parents[2] / "examples" / "carbon-plan-instance.json")
+    got = plan(inst, policy)  # default effort and seed, as `greensweep carbon plan` runs it
+    assert got.carbon_g == pytest.approx(carbon_g, rel=1e-12) and got.makespan_s == makespan_s
+    assert [(a.node, a.start_s) for a in got.assignments] == placed
+    assert (got.deadline_misses, got.fell_back_to_fifo) == (0, False)
+
+
+# carbon-deadline at default effort and seed on random instances where the search (not
+# the first list schedule) decides the plan: random_doc seed -> (carbon_g, with effort=0)
+SEARCHED_PLANS_G = {8: (800.7952578673628, 1066.0996536016746), 24: (1943.1412218973974, 2562.2746143933273),
+                    40: (471.3750848575848, 537.9404358158429), 51: (1099.4198094567973, 1304.603849827003)}
+
+
+@pytest.mark.parametrize("seed", sorted(SEARCHED_PLANS_G))
+def test_searched_plans_are_pinned(seed):
+    inst = parse_instance(random_doc(random.Random(seed)))
+    searched_g, first_g = SEARCHED_PLANS_G[seed]
+    assert plan(inst, "carbon-deadline").carbon_g == pytest.approx(searched_g, rel=1e-9)
+    assert plan(inst, "carbon-deadline", effort=0).carbon_g == pytest.approx(first_g, rel=1e-9)
