@@ -9,6 +9,10 @@ The coordinator's whole use of this package::
     figure = provider.intensity(node_region, window_start, window_end)
     grams = carbon_g(energy_j, figure)               # store grams with figure's value, source, kind
 
+The carbon placer reads hourly series through a :class:`SeriesCache` (per region and
+hour, refreshed off the dispatch path, stale or fallback values labelled); the HTTP
+providers retry 429/5xx under a :class:`RetryPolicy`.
+
 See docs/carbon.md.
 """
 
@@ -22,6 +26,8 @@ from orchestrator.carbon.base import (
     UnknownRegionError,
     carbon_g,
 )
+from orchestrator.carbon._http import RetryPolicy
+from orchestrator.carbon.cache import SeriesCache, SeriesView
 from orchestrator.carbon.config import CarbonConfig, check_regions, make_provider, parse_carbon_config
 from orchestrator.carbon.electricitymaps import ElectricityMapsProvider
 from orchestrator.carbon.static import StaticTableProvider
@@ -40,6 +46,9 @@ __all__ = [
     "Kind",
     "RegionMapProvider",
     "RegionStatus",
+    "RetryPolicy",
+    "SeriesCache",
+    "SeriesView",
     "StaticTableProvider",
     "TimeSeriesProvider",
     "UnknownRegionError",

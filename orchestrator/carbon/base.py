@@ -231,12 +231,16 @@ class IntensityProvider(ABC):
     :class:`CarbonDataError` when its data does not cover the window and
     :class:`CarbonProviderError` when a remote service fails. ``series`` serves the
     scheduler: one mean per ``step_s`` slice of a horizon. Naive datetimes are rejected.
-    Providers may be called from one thread at a time; they keep no per-call state
-    except caches of immutable data.
+    Providers keep no per-call state except caches of immutable data (and, for WattTime,
+    a login token behind a lock), so two threads may call one provider at once: the
+    placer's refresher (:mod:`.cache`) and carbon accounting do.
     """
 
     #: short technology name used in sources and messages ("static", "watttime", ...)
     name: str
+    #: True when answers come over the network (may be slow, rate-limited or down):
+    #: the placer then reads them through a background refresher, never on dispatch
+    remote: bool = False
 
     @abstractmethod
     def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:

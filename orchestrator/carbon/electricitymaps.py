@@ -24,7 +24,18 @@ import os
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
-from orchestrator.carbon._http import JsonClient, Points, PointsProvider, chunks, iso_utc, parse_time, parse_value, utc_now
+from orchestrator.carbon._http import (
+    DEFAULT_RETRY,
+    JsonClient,
+    Points,
+    PointsProvider,
+    RetryPolicy,
+    chunks,
+    iso_utc,
+    parse_time,
+    parse_value,
+    utc_now,
+)
 from orchestrator.carbon.base import CarbonDataError, CarbonProviderError, Kind
 
 DEFAULT_BASE_URL = "https://api.electricitymap.org/v3"
@@ -48,12 +59,14 @@ class ElectricityMapsProvider(PointsProvider):
         base_url: str = DEFAULT_BASE_URL,
         timeout_s: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if not token:
             raise CarbonDataError(f"carbon: provider electricitymaps needs an API token -- set {TOKEN_ENV}")
         self._token = token
         self._clock = clock
-        self._client = JsonClient(self.name, base_url, timeout_s=timeout_s, auth_hint=f"check {TOKEN_ENV}", secrets=(token,))
+        self._client = JsonClient(self.name, base_url, timeout_s=timeout_s, auth_hint=f"check {TOKEN_ENV}", secrets=(token,),
+                                  retry=retry)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **kwargs: Any) -> ElectricityMapsProvider:

@@ -32,8 +32,9 @@ from orchestrator.carbon.base import (
     step_windows,
     unknown_region,
 )
+from orchestrator.resources import shipped_dir
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "clusters" / "carbon"
+DATA_DIR = shipped_dir("clusters") / "carbon"  # the repository's clusters/carbon, shipped as package data
 DEFAULT_TABLE = DATA_DIR / "regions.csv"
 COLUMNS = ("region", "g_co2_per_kwh", "kind", "source", "year", "method")
 UNSTATED_YEAR = "unstated"

@@ -22,14 +22,17 @@ from __future__ import annotations
 import base64
 import math
 import os
+import threading
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping
 
 from orchestrator.carbon._http import (
+    DEFAULT_RETRY,
     JsonClient,
     Points,
     PointsProvider,
     ProviderHTTPError,
+    RetryPolicy,
     chunks,
     iso_utc,
     parse_time,
@@ -67,6 +70,7 @@ class WattTimeProvider(PointsProvider):
         base_url: str = DEFAULT_BASE_URL,
         timeout_s: float = 10.0,
         clock: Callable[[], datetime] = utc_now,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         if not username or not password:
             raise CarbonDataError(f"carbon: provider watttime needs credentials -- set {USERNAME_ENV} and {PASSWORD_ENV}")
@@ -75,12 +79,14 @@ class WattTimeProvider(PointsProvider):
         self._clock = clock
         self._token: str | None = None
         self._token_expires: datetime | None = None
+        self._login_lock = threading.Lock()  # the refresher and carbon accounting may both need a token
         self._client = JsonClient(
             self.name,
             base_url,
             timeout_s=timeout_s,
             auth_hint=f"check {USERNAME_ENV} and {PASSWORD_ENV}",
             secrets=(password, basic, f"{username}:{password}"),
+            retry=retry,
         )
 
     @classmethod
@@ -147,17 +153,23 @@ class WattTimeProvider(PointsProvider):
         except ProviderHTTPError as e:
             if e.status != 401:
                 raise
-            self._token = None  # expired or revoked early: log in again, once
-            return self._client.get(path, params, {"Authorization": f"Bearer {self._bearer()}"})
+            return self._client.get(path, params, {"Authorization": f"Bearer {self._bearer(rejected=bearer)}"})
 
-    def _bearer(self) -> str:
-        now = self._clock()
-        if self._token is None or self._token_expires is None or now >= self._token_expires:
-            body = self._client.get("/login", headers={"Authorization": self._basic_auth})
-            token = body.get("token") if isinstance(body, dict) else None
-            if not isinstance(token, str) or not token:
-                raise CarbonProviderError(f"watttime: login answered without a token -- check {USERNAME_ENV} and {PASSWORD_ENV}")
-            self._client.add_secret(token)
-            self._token, self._token_expires = token, now + TOKEN_LIFETIME - TOKEN_MARGIN
-        return self._token
+    def _bearer(self, rejected: str | None = None) -> str:
+        """A valid token, logging in when there is none, it is about to expire, or the
+        API just *rejected* it (expired or revoked early: log in again, once). One login
+        at a time: a second thread waiting here reuses the token the first one got."""
+        with self._login_lock:
+            now = self._clock()
+            if (self._token is None or self._token_expires is None or now >= self._token_expires
+                    or self._token == rejected):
+                body = self._client.get("/login", headers={"Authorization": self._basic_auth})
+                token = body.get("token") if isinstance(body, dict) else None
+                if not isinstance(token, str) or not token:
+                    raise CarbonProviderError(
+                        f"watttime: login answered without a token -- check {USERNAME_ENV} and {PASSWORD_ENV}"
+                    )
+                self._client.add_secret(token)
+                self._token, self._token_expires = token, now + TOKEN_LIFETIME - TOKEN_MARGIN
+            return self._token
 

@@ -26,7 +26,7 @@ class RegionMapProvider(IntensityProvider):
     def __init__(self, inner: IntensityProvider, mapping: Mapping[str, str]) -> None:
         self.inner = inner
         self.mapping = dict(mapping)
-        self.name = inner.name
+        self.name, self.remote = inner.name, inner.remote
 
     def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:
         return self.inner.intensity(self.mapping.get(region, region), start, end)
@@ -58,7 +58,7 @@ class FallbackProvider(IntensityProvider):
             )
         self.inner = inner
         self.fallback_region = fallback_region
-        self.name = inner.name
+        self.name, self.remote = inner.name, inner.remote
 
     def intensity(self, region: str, start: datetime, end: datetime) -> Intensity:
         if self.inner.region_status(region) != "unknown":

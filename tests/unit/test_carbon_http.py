@@ -4,16 +4,21 @@ The server (``http.server`` on 127.0.0.1, an ephemeral port, one thread) answers
 canned bodies shaped like the APIs' documented answers and records every request, so
 the tests check the endpoints, parameters and auth headers the clients send and how
 each failure -- 401, timeout, 5xx, malformed body, refused connection, redirect --
-becomes one line without a credential in it.
+becomes one line without a credential in it. 429 and 5xx answers are retried with
+backoff under a bound (sleeps recorded, not slept, except where the real-time bound is
+the point), and the carbon placer keeps dispatching, labelled, while the API is slow or
+rate-limited.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import random
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +35,7 @@ from orchestrator.carbon import (
     make_provider,
     parse_carbon_config,
 )
+from orchestrator.carbon._http import RetryPolicy, parse_retry_after
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 10, 12, 30, tzinfo=UTC)
@@ -84,6 +90,22 @@ class FakeAPI:
         if callable(route):
             return route(seen)
         return route.pop(0) if len(route) > 1 else route[0]
+
+
+class Sleeps:
+    """A RetryPolicy's sleep that records the waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, delay_s: float) -> None:
+        self.delays.append(delay_s)
+
+
+@pytest.fixture
+def retry() -> RetryPolicy:
+    """The default policy's numbers, a seeded jitter and recorded sleeps."""
+    return RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=8.0, total_s=20.0, sleep=Sleeps(), rng=random.Random(0))
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +179,8 @@ def hourly(zone: str, start: datetime, values: list[float], factor: str = "lifec
 
 
 @pytest.fixture
-def em(api: FakeAPI) -> ElectricityMapsProvider:
-    return ElectricityMapsProvider(TOKEN, base_url=api.url + "/v3", timeout_s=TIMEOUT_S, clock=lambda: NOW)
+def em(api: FakeAPI, retry: RetryPolicy) -> ElectricityMapsProvider:
+    return ElectricityMapsProvider(TOKEN, base_url=api.url + "/v3", timeout_s=TIMEOUT_S, clock=lambda: NOW, retry=retry)
 
 
 def test_em_latest_for_a_window_in_the_current_hour(api: FakeAPI, em: ElectricityMapsProvider) -> None:
@@ -256,6 +278,9 @@ def test_em_bad_answers_are_one_clean_line(api: FakeAPI, em: ElectricityMapsProv
     with pytest.raises(CarbonProviderError, match=re.escape(message)) as e:
         em.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
     assert_clean(str(e.value), TOKEN)
+    retried = reply.status in (429, 502)
+    assert len(api.seen) == (4 if retried else 1)  # only rate limits and server errors are retried
+    assert ("gave up after 4 attempts" in str(e.value)) is retried
     if b"auth-token" in (reply.body if isinstance(reply.body, bytes) else b""):
         assert "***" in str(e.value)  # the echoed token was masked, the rest of the body kept
 
@@ -319,9 +344,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def wt(api: FakeAPI, clock: Clock) -> WattTimeProvider:
+def wt(api: FakeAPI, clock: Clock, retry: RetryPolicy) -> WattTimeProvider:
     api.on("/login", Reply(body={"token": WT_TOKEN}))
-    return WattTimeProvider(USER, PASSWORD, base_url=api.url, timeout_s=TIMEOUT_S, clock=clock)
+    return WattTimeProvider(USER, PASSWORD, base_url=api.url, timeout_s=TIMEOUT_S, clock=clock, retry=retry)
 
 
 def test_wt_login_then_historical_in_g_per_kwh(api: FakeAPI, wt: WattTimeProvider) -> None:
@@ -443,3 +468,150 @@ def test_watttime_names_the_signal_and_region_when_data_are_missing() -> None:
                                                   r"or the account lacks access to this region"):
         provider._mean([], 300.0, "CAISO_NORTH", datetime(2026, 1, 1, tzinfo=timezone.utc),
                        datetime(2026, 1, 1, 1, tzinfo=timezone.utc))
+
+
+# -- retries: 429 and 5xx, with backoff, under a bound -----------------------------------
+
+
+def test_429_and_503_are_retried_with_backoff_honouring_retry_after(api: FakeAPI, em: ElectricityMapsProvider,
+                                                                    retry: RetryPolicy) -> None:
+    body = {"zone": "DE", "history": hourly("DE", utc(2026, 3, 9, 13), [100.0] * 24)}
+    api.on("/v3/carbon-intensity/history", Reply(429, {}, headers={"Retry-After": "3"}), Reply(503, b"busy"), Reply(body=body))
+    figure = em.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
+    assert figure.g_co2_per_kwh == 100.0
+    assert api.paths() == ["/v3/carbon-intensity/history"] * 3
+    assert all(s.headers["auth-token"] == TOKEN for s in api.seen)  # the same request again, same host
+    first, second = retry.sleep.delays  # type: ignore[attr-defined]
+    assert first == 3.0  # the server's Retry-After (longer than the jittered 0..0.5 s)
+    assert 0.0 <= second <= 1.0  # full jitter under base * 2
+
+
+def test_a_persistent_503_gives_up_after_the_attempts_with_a_clean_line(api: FakeAPI, em: ElectricityMapsProvider,
+                                                                        retry: RetryPolicy) -> None:
+    api.on("/v3/carbon-intensity/history", Reply(503, f"maintenance; echo auth-token: {TOKEN}".encode()))
+    with pytest.raises(CarbonProviderError, match=r"server error HTTP 503 .* -- retry later \(gave up after 4 attempts in "
+                                                  r"[0-9.]+ s\)$") as e:
+        em.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
+    assert len(api.seen) == 4 and e.value.exit_code == 5
+    delays = retry.sleep.delays  # type: ignore[attr-defined]
+    assert len(delays) == 3 and all(0.0 <= d <= cap for d, cap in zip(delays, (0.5, 1.0, 2.0)))
+    assert_clean(str(e.value), TOKEN)
+
+
+def test_a_retry_after_beyond_the_budget_gives_up_at_once(api: FakeAPI, em: ElectricityMapsProvider,
+                                                          retry: RetryPolicy) -> None:
+    api.on("/v3/carbon-intensity/history", Reply(429, {}, headers={"Retry-After": "120"}))
+    with pytest.raises(CarbonProviderError, match=r"rate limited \(HTTP 429\) .* \(the server asks to wait 120 s is beyond "
+                                                  r"the 20 s retry budget; gave up after 1 attempt\)"):
+        em.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
+    assert len(api.seen) == 1 and retry.sleep.delays == []  # type: ignore[attr-defined]
+
+
+def test_retrying_is_bounded_in_real_time(api: FakeAPI) -> None:
+    policy = RetryPolicy(attempts=50, base_delay_s=0.05, max_delay_s=0.1, total_s=0.6)
+    provider = ElectricityMapsProvider(TOKEN, base_url=api.url + "/v3", timeout_s=TIMEOUT_S, clock=lambda: NOW, retry=policy)
+    api.on("/v3/carbon-intensity/history", Reply(503, b"down"))
+    began = time.monotonic()
+    with pytest.raises(CarbonProviderError, match="retry budget"):
+        provider.intensity("DE", utc(2026, 3, 10, 9), utc(2026, 3, 10, 10))
+    assert time.monotonic() - began < 0.6 + 1.0  # the budget, plus one request's worth of slack
+    assert 2 <= len(api.seen) < 50
+
+
+def test_retry_after_forms() -> None:
+    now = utc(2026, 3, 10, 12)
+    assert parse_retry_after("7", now) == 7.0
+    assert parse_retry_after("Tue, 10 Mar 2026 12:00:30 GMT", now) == 30.0
+    assert parse_retry_after("Tue, 10 Mar 2026 11:00:00 GMT", now) == 0.0  # already past: no wait
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        RetryPolicy(attempts=0)
+
+
+def test_wt_data_calls_are_retried_after_a_429(api: FakeAPI, wt: WattTimeProvider) -> None:
+    api.on("/v3/historical", Reply(429, {"error": "slow down"}), Reply(body=moer(utc(2026, 3, 10, 10, 55), [1000.0] * 7)))
+    figure = wt.intensity("CAISO_NORTH", utc(2026, 3, 10, 11), utc(2026, 3, 10, 11, 30))
+    assert figure.g_co2_per_kwh == pytest.approx(453.592)
+    assert api.paths() == ["/login", "/v3/historical", "/v3/historical"]  # one login: the token was not the problem
+
+
+# -- the carbon placer keeps dispatching while the API struggles -------------------------
+
+
+def _placer_against(provider: ElectricityMapsProvider, *, fill_wait_s: float, warnings: list[str]):  # type: ignore[no-untyped-def]
+    from orchestrator.carbon.cache import SeriesCache
+    from orchestrator.catalog import load_catalog
+    from orchestrator.scheduler.online import STEP_S, CarbonPlacer, Estimates
+
+    cache = SeriesCache(provider, step_s=STEP_S, clock=lambda: NOW, fill_wait_s=fill_wait_s, retry_failed_s=0.05, poll_s=0.02)
+    return CarbonPlacer(policy="greedy-carbon", provider=provider, estimates=Estimates([], load_catalog()),
+                        warn=warnings.append, clock=lambda: NOW, intensity=cache)
+
+
+def _place_train(p):  # type: ignore[no-untyped-def]
+    from orchestrator.cluster import NodeInfo
+    from orchestrator.plan import PlannedStage
+    from orchestrator.scheduler import Slot
+
+    train = PlannedStage(key="k-train", kind="train", params={}, parent_key=None, label="train")
+
+    class Plan:
+        stages = (train,)
+
+        @staticmethod
+        def stage(key: str) -> PlannedStage:
+            return train
+
+    node = NodeInfo(node_id="n-de", node_type="cpu-xeon", region="DE", num_cpus=1, num_gpus=0, address="127.0.0.1")
+    slots = [Slot(node=node, handle=None)]
+    p._dirty = True  # as after a finished stage: plan again
+    began = time.monotonic()
+    out = p.place([train], slots, slots, {"k-train": "pending"}, Plan())
+    return out, time.monotonic() - began
+
+
+def _serve_de(api: FakeAPI, value: float) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(body=hourly("DE", utc(2026, 3, 10, 12), [value])[0]))
+    forecast = [{"carbonIntensity": value, "datetime": iso(utc(2026, 3, 10, 13) + timedelta(hours=i))} for i in range(60)]
+    api.on("/v3/carbon-intensity/forecast", Reply(body={"zone": "DE", "forecast": forecast}))
+
+
+def test_placer_dispatches_on_the_labelled_fallback_while_rate_limited_then_on_fresh_data(
+        api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    api.on("/v3/carbon-intensity/latest", Reply(429, {"message": "too many requests"}))
+    warnings: list[str] = []
+    p = _placer_against(em, fill_wait_s=2.0, warnings=warnings)
+    try:
+        ((_, _, d),) = _place_train(p)[0]
+        assert d["estimate_source"] == "catalog+fallback-intensity"
+        assert d["expected_intensity_g_per_kwh"] == pytest.approx(475.0)  # the world average, labelled
+        (warning,) = warnings
+        assert "no carbon intensity for region 'DE'" in warning and "rate limited (HTTP 429)" in warning
+        assert "fallback 475 g/kWh (static:iea-2019), labelled fallback-intensity" in warning
+        assert_clean(warning, TOKEN)
+        _serve_de(api, 200.0)  # the API recovers: the refresher fills the hour, dispatch never waited for it
+        deadline = time.monotonic() + 5
+        while p.intensity.read(["DE"], utc(2026, 3, 10, 12), 3600.0)["DE"].status != "fresh":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ((_, _, d),) = _place_train(p)[0]
+        assert d["estimate_source"] == "catalog" and d["expected_intensity_g_per_kwh"] == pytest.approx(200.0)
+        assert warnings[-1] == "carbon intensity for region 'DE' is current again"
+    finally:
+        p.close()
+    assert not p.intensity.refreshing
+
+
+def test_placer_does_not_wait_for_a_slow_api(api: FakeAPI, em: ElectricityMapsProvider) -> None:
+    _serve_de(api, 200.0)
+    latest = hourly("DE", utc(2026, 3, 10, 12), [200.0])[0]
+    api.on("/v3/carbon-intensity/latest", Reply(503, b"overloaded", delay_s=TIMEOUT_S * 0.8), Reply(body=latest))
+    warnings: list[str] = []
+    p = _placer_against(em, fill_wait_s=0.2, warnings=warnings)
+    try:
+        (decision,), took_s = _place_train(p)
+        assert took_s < 0.2 + 0.5  # the bounded first-fill wait, not the API's slow 503 and its retry
+        assert decision[2]["estimate_source"] == "catalog+fallback-intensity"
+        assert "not fetched yet" in warnings[0]
+    finally:
+        p.close()
