@@ -8,9 +8,9 @@ STAMP := $(VENV)/.greensweep-installed
 
 .PHONY: install demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -e '.[dev]'
 	@touch $(STAMP)
 

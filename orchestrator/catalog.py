@@ -21,9 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.errors import SpecError
+from orchestrator.resources import shipped_dir
 from orchestrator.spec import _pydantic_error
 
-CLUSTERS_DIR = Path(__file__).resolve().parent.parent / "clusters"
+CLUSTERS_DIR = shipped_dir("clusters")  # the repository's clusters/, shipped as package data
 DEFAULT_CATALOG = CLUSTERS_DIR / "catalog.yaml"
 _NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"  # also a valid Kubernetes label value
 

@@ -1,11 +1,13 @@
 """Schema versions: Alembic, run in-process on the store's own engine.
 
 The repository's ``alembic/`` directory is the only way the schema is created or changed.
-The library runs it in-process (the MLflow pattern): it builds an Alembic ``Config``
-programmatically and hands ``alembic/env.py`` an open connection through
-``config.attributes["connection"]``, so migrations run on the very engine (SQLite
-pragmas, ``BEGIN IMMEDIATE``, psycopg) the store uses. The same scripts also serve the
-``alembic`` command line at the repository root (``alembic.ini``).
+It ships with greensweep as package data (``greensweep_data.alembic``, see
+:mod:`orchestrator.resources`), so a wheel install migrates stores too. The library runs
+it in-process (the MLflow pattern): it builds an Alembic ``Config`` programmatically and
+hands ``alembic/env.py`` an open connection through ``config.attributes["connection"]``,
+so migrations run on the very engine (SQLite pragmas, ``BEGIN IMMEDIATE``, psycopg) the
+store uses. The same scripts also serve the ``alembic`` command line at the repository
+root (``alembic.ini``).
 
 Alembic is imported inside the functions: it is slow to import and only needed when the
 schema is checked or changed.
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, TypeVar
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-from orchestrator.errors import SchemaMismatchError, StoreError, mask_url
+from orchestrator.errors import GreensweepError, SchemaMismatchError, StoreError, mask_url
+from orchestrator.resources import shipped_dir
 from orchestrator.store.session import create_engine_for, one_line, write_engine
 
 if TYPE_CHECKING:
@@ -38,14 +41,12 @@ _MIGRATION_LOCK = threading.Lock()
 
 
 def script_location() -> Path:
-    """The absolute path of the repository's ``alembic/`` directory.
-
-    Assumes greensweep runs from its source tree (a checkout, or ``pip install -e .``),
-    where ``alembic/`` sits next to the ``orchestrator`` package; a wheel does not ship it.
-    """
-    import orchestrator
-
-    return Path(orchestrator.__file__).resolve().parents[1] / "alembic"
+    """The absolute path of the shipped ``alembic/`` directory (installed package data,
+    or the checkout's folder), whatever the CWD."""
+    try:
+        return shipped_dir("alembic")
+    except GreensweepError as e:
+        raise StoreError(str(e)) from None
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -54,11 +55,6 @@ def alembic_config(connection: Connection | None = None) -> Config:
     from alembic.config import Config
 
     location = script_location()
-    if not (location / "env.py").is_file():
-        raise StoreError(
-            f"greensweep's migration scripts are missing at {location}; "
-            "install greensweep from its source tree (pip install -e .)"
-        )
     config = Config()
     config.set_main_option("script_location", str(location).replace("%", "%%"))
     if connection is not None:
