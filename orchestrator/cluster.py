@@ -8,7 +8,10 @@ Hardware facts come from the node itself (``workers.hardware``), not from labels
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -48,8 +51,10 @@ ADDRESS_PROBE_TIMEOUT_S = 5.0
 
 def probe_address(address: str) -> None:
     """Fail fast, with one line, when a ``host:port`` or ``ray://host:port`` address does
-    not accept connections: ``ray.init`` would otherwise retry for minutes and print
-    its own warnings. ``auto`` and addresses without a port are left to Ray."""
+    not accept connections, or when the GCS at ``host:port`` refuses this process's auth
+    token (see :func:`prepare_token_auth`, which should run first): ``ray.init`` would
+    otherwise retry for seconds to minutes and print its own warnings. ``auto`` and
+    addresses without a port are left to Ray."""
     import socket
 
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -63,6 +68,148 @@ def probe_address(address: str) -> None:
             f"cannot reach Ray at {address}: {reason} -- check that the cluster is up and the address "
             "is the head's GCS (host:6379) or Ray client (ray://host:10001) address, or omit --address to run locally"
         ) from None
+    if address.startswith("ray://"):
+        return  # the Ray client server, not a GCS: its auth errors surface from ray.init
+    _probe_gcs_auth(address)
+
+
+# -- token authentication ---------------------------------------------------------------
+# Ray >= 2.52 clusters may require a shared token on every RPC (RAY_AUTH_MODE=token).
+# `ray start --head` turns it on by itself when the head has a token (~/.ray/auth_token,
+# which any local `ray.init()` writes), but a joining node or a driver given an explicit
+# address never does: without RAY_AUTH_MODE=token it sends no token and is refused.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
+_TOKEN_FIX = (f"export {AUTH_TOKEN_ENV}=<the output of `ray get-auth-token` on the head> "
+              f"(or copy the head's {DEFAULT_TOKEN_PATH} here)")
+
+
+def token_source() -> str | None:
+    """Where Ray will read this process's auth token from, named for messages, or None
+    when there is none: ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH`` names,
+    else ``~/.ray/auth_token`` -- Ray's own order. The token itself is never returned,
+    so no message can carry it.
+
+    Raises :class:`ClusterError` when ``RAY_AUTH_TOKEN_PATH`` names a missing or empty
+    file (Ray would refuse it too, with a traceback).
+    """
+    if os.environ.get(AUTH_TOKEN_ENV, "").strip():
+        return AUTH_TOKEN_ENV
+    named = os.environ.get(AUTH_TOKEN_PATH_ENV)
+    if named:
+        if not _nonempty_file(Path(named)):
+            raise ClusterError(
+                f"{AUTH_TOKEN_PATH_ENV}={named} is not a readable, non-empty file -- point it at the file that holds "
+                f"the cluster's token, or unset it and {_TOKEN_FIX}"
+            )
+        return f"{AUTH_TOKEN_PATH_ENV} ({named})"
+    if _nonempty_file(DEFAULT_TOKEN_PATH.expanduser()):
+        return str(DEFAULT_TOKEN_PATH)
+    return None
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return bool(path.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _auth_mode() -> str | None:
+    mode = os.environ.get(AUTH_MODE_ENV)
+    return mode.strip().lower() if mode is not None else None
+
+
+def prepare_token_auth() -> None:
+    """Send this process's token to the cluster whenever it has one.
+
+    With ``RAY_AUTH_MODE`` unset and a token available, token mode is switched on for
+    this process, as Ray itself does for ``address="auto"``: a cluster without token
+    auth ignores the token, one with it needs it. An explicit ``RAY_AUTH_MODE`` is
+    respected. ``RAY_AUTH_MODE=token`` without any token fails here with the fix, not
+    deep inside ``ray.init``.
+    """
+    mode = _auth_mode()
+    if mode not in (None, "token"):
+        return  # an explicit opt-out: Ray sends no token and reads none
+    source = token_source()
+    if mode is None and source is not None:
+        _set_auth_mode("token")
+    elif mode == "token" and source is None:
+        raise ClusterError(f"{AUTH_MODE_ENV}=token but no Ray auth token was found -- {_TOKEN_FIX}")
+
+
+def _set_auth_mode(mode: str | None) -> None:
+    """Set (or, with None, unset) ``RAY_AUTH_MODE`` for this process and its children,
+    and make Ray's already-loaded config see it."""
+    if mode is None:
+        os.environ.pop(AUTH_MODE_ENV, None)
+    else:
+        os.environ[AUTH_MODE_ENV] = mode
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def _probe_gcs_auth(address: str) -> None:
+    """Ask the GCS at *address* for its cluster id with this process's credentials, once,
+    within :data:`ADDRESS_PROBE_TIMEOUT_S`, and turn a refused token into one line.
+
+    ``ray.init`` would retry a refused token for ~20 s, print a warning per attempt and
+    end with a traceback. Ray's client logs each failed attempt straight to file
+    descriptor 2, so the probe runs with it silenced. Errors other than authentication
+    are left to ``ray.init``, whose retries cover a head that is still starting.
+    """
+    try:
+        from ray._raylet import InnerGcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # a Ray without token auth: nothing to probe
+        return
+    try:
+        with _fd2_silenced():
+            InnerGcsClient.standalone(address, None, int(ADDRESS_PROBE_TIMEOUT_S * 1000))
+    except AuthenticationError:
+        raise ClusterError(auth_failure_message(address)) from None
+    except Exception:  # noqa: BLE001 - not an auth problem; ray.init reports it
+        return
+
+
+def auth_failure_message(address: str) -> str:
+    """One line for a cluster at *address* that refused this process, naming which of
+    token, token source or mode is wrong and the fix; never the token."""
+    mode = _auth_mode()
+    try:
+        source = token_source()
+    except ClusterError:  # a RAY_AUTH_TOKEN_PATH Ray ignores in this mode
+        source = None
+    if mode is not None and mode != "token":
+        return (f"Ray at {address} requires token authentication but {AUTH_MODE_ENV}={mode} here -- "
+                f"export {AUTH_MODE_ENV}=token" + ("" if source else f" and {_TOKEN_FIX}"))
+    if source is None:
+        return f"Ray at {address} requires token authentication and no Ray auth token was found here -- {_TOKEN_FIX}"
+    return f"Ray at {address} rejected the auth token from {source}: it is not this cluster's token -- {_TOKEN_FIX}"
+
+
+@contextlib.contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """Whether *exc* (from ``ray.init``) is, or wraps as text, a refused token."""
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(exc, AuthenticationError) or "InvalidAuthToken" in str(exc) or "AuthenticationError" in str(exc)
 
 
 def connect(
@@ -103,14 +250,53 @@ def connect(
                 **common,
             )
         else:
-            probe_address(address)
-            ray.init(address=address, **common)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+            _connect_address(address, common)
+    except ClusterError:
+        raise
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
         where = address or "a local Ray"
+        if address is not None and _is_auth_failure(e):
+            raise ClusterError(auth_failure_message(address)) from None
         raise ClusterError(
             f"cannot connect to Ray at {where}: {first_line(e)} -- check that the cluster is up "
             "(`ray status --address ...`) or omit --address to run locally"
         ) from None
+
+
+def _connect_address(address: str, common: dict[str, Any]) -> None:
+    """Connect this process to the running cluster at *address* (``host:port``,
+    ``ray://host:port`` or ``auto``), with its auth token when it has one.
+
+    Reachability and the token are checked before ``ray.init``, each failing with one
+    line; a mode this function switched on is switched off again if connecting fails.
+    """
+    import ray
+
+    mode_before = os.environ.get(AUTH_MODE_ENV)
+    prepare_token_auth()
+    try:
+        if address == "auto":
+            resolved = _resolve_auto()
+            if resolved is not None:
+                probe_address(resolved)
+        else:
+            probe_address(address)
+        ray.init(address=address, **common)
+    except BaseException:
+        if mode_before is None and os.environ.get(AUTH_MODE_ENV) is not None:
+            _set_auth_mode(None)
+        raise
+
+
+def _resolve_auto() -> str | None:
+    """The GCS address ``auto`` stands for (``RAY_ADDRESS`` or the last ``ray start`` on
+    this machine), or None when Ray cannot tell: then ``ray.init`` says why."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address("auto")
+    except Exception:  # noqa: BLE001 - only a probe; ray.init gives the real error
+        return None
 
 
 def _loopback_only() -> None:
