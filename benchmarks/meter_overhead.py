@@ -25,7 +25,8 @@ import torch
 
 from workers.hardware import cpu_model
 from workers.meters import NullMeter
-from workers.models import build_model, save_artifact
+from workers.modelio import save_artifact
+from workers.models import build_model
 from workers.stages import evaluate
 from workers.types import DatasetRef, ModelRef, StageTask, WorkerEnv
 

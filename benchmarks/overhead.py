@@ -238,7 +238,7 @@ def main() -> None:
     # does not pass address="local" to ray.init would join /tmp/ray/ray_current_cluster).
     os.environ.setdefault("RAY_ADDRESS", "local")
     from orchestrator import cluster
-    from orchestrator.coordinator import WorkerPool
+    from orchestrator.pool.ray import RayWorkerPool as WorkerPool
     from orchestrator.errors import mask_url
     from orchestrator.spec import parse_spec
 

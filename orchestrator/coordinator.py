@@ -1,7 +1,8 @@
-"""Drives a sweep's DAG on Ray: dispatch ready stages, collect, persist, retry, resume.
+"""Drives a sweep's DAG on a worker pool: dispatch ready stages, collect, persist, retry, resume.
 
-The coordinator is the only place that acts on Ray and the only writer to the store.
-Each tick of :meth:`Coordinator.step`:
+The coordinator is the only place that acts on the workers (through a
+:class:`orchestrator.pool.WorkerPool`: Ray for real sweeps, an in-process fake in the
+unit tests) and the only writer to the store. Each tick of :meth:`Coordinator.step`:
 
 1. heartbeat (every ``heartbeat_s``): stamp the sweep and the artifact claims it holds;
    a ``greensweep cancel`` seen here stops the sweep;
@@ -20,234 +21,38 @@ node left fails with a message naming that type. Every wait is bounded.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Hashable
 
 from orchestrator.cluster import NodeInfo
 from orchestrator.plan import Plan, PlannedStage
+from orchestrator.pool import Completion
+from orchestrator.pool import WorkerPool as Pool
 from orchestrator.scheduler import Slot, choose_slot, compatible
 from orchestrator.spec import SweepSpec
 from workers.artifacts import read_manifest, verified_manifest
 from workers.stages.registry import get_kind
-from workers.types import ArtifactInfo, DatasetRef, ModelRef, StageResult, StageTask
+from orchestrator.sweep import (  # noqa: F401 - re-exported: callers import them from here
+    Progress,
+    RunOptions,
+    SweepOutcome,
+    artifact_from_manifest,
+    coordinator_gone,
+    coordinator_id,
+    task_for,
+)
+from workers.types import StageResult
 
-WAIT_TICK_S = 1.0
+WAIT_TICK_S = 1.0  # the longest a tick waits for a result
 PROGRESS_POLL_S = 5.0  # how often running stages' progress reports are drained
-PROGRESS_TIMEOUT_S = 30.0
-ACTOR_START_TIMEOUT_S = 180.0
-RESTART_TIMEOUT_S = 60.0  # a replacement worker that does not answer by then: its node is gone
 BATCH_WINDOW_S = 0.02  # how long a tick waits to collect a batch of short stages
-SHORT_STAGE_S = 0.5  # stages of a kind whose median run is shorter may queue on a busy worker  # a worker actor that does not answer by then is reported
-
-
-class Progress(Protocol):
-    """Receives progress events; the CLI prints them (plain lines or a live display)."""
-
-    def stage_started(self, stage: PlannedStage, node: NodeInfo) -> None: ...
-    def stage_finished(self, stage: PlannedStage, result: StageResult, done: int, total: int) -> None: ...
-    def stage_reused(self, stage: PlannedStage, done: int, total: int) -> None: ...
-    def stage_skipped(self, stage: PlannedStage, reason: str) -> None: ...
-    def stage_progress(self, stage: PlannedStage, report: dict[str, Any]) -> None: ...
-    def stage_retrying(self, stage: PlannedStage, node: NodeInfo, attempt: int, reason: str) -> None: ...
-    def stage_requeued(self, stage: PlannedStage, reason: str) -> None: ...
-    def stage_waiting(self, stage: PlannedStage, note: str) -> None: ...
-    def warning(self, message: str) -> None: ...
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a sweep is driven; stored with the sweep so ``resume`` drives it the same way.
-
-    ``max_attempts``: attempts per stage when its worker dies (a stage that raises is not
-    retried: it would raise again). ``stage_timeout_s``: an attempt running longer is
-    killed and counts as lost (timed from when it starts on its worker, not while it
-    waits in the worker's queue). ``stale_after_s``: a coordinator (or artifact claim)
-    whose heartbeat is older is presumed dead. ``queue_depth``: at most
-    this many stages queued on one worker -- only stages of kinds whose median run is
-    under ``SHORT_STAGE_S`` ever queue behind another (they still run one at a time
-    there; it hides the dispatch round trip). Long stages and carbon-aware placement keep
-    one stage per worker, so placement is decided when a worker is free.
-    """
-
-    max_attempts: int = 3
-    stage_timeout_s: float = 24 * 3600.0
-    heartbeat_s: float = 5.0
-    stale_after_s: float = 60.0
-    queue_depth: int = 64
-    transfer: str = "shared"  # "shared": one artifact root every node reads; "object-store": ship bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {"max_attempts": self.max_attempts, "stage_timeout_s": self.stage_timeout_s,
-                "heartbeat_s": self.heartbeat_s, "stale_after_s": self.stale_after_s,
-                "queue_depth": self.queue_depth, "transfer": self.transfer}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> RunOptions:
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
-
-
-@dataclass
-class SweepOutcome:
-    sweep_id: str
-    status: str  # succeeded | partial | failed | cancelled
-    counts: dict[str, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-
-
-def coordinator_id() -> str:
-    """``host:pid`` of this coordinator process, stored as the sweep's owner."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def coordinator_gone(owner: str | None) -> bool:
-    """True when *owner* (``host:pid``) is a coordinator on this host whose process no
-    longer exists: its sweep may be taken over at once, without waiting for its heartbeat
-    to go stale. Unknown (another host): False."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def task_for(spec: SweepSpec, sweep_id: str, stage: PlannedStage, artifact_root: str) -> StageTask:
-    return StageTask(
-        sweep_id=sweep_id,
-        key=stage.key,
-        kind=stage.kind,
-        params=dict(stage.params),
-        parent_key=stage.parent_key,
-        model=ModelRef(
-            arch=spec.model.arch,
-            kwargs=dict(spec.model.kwargs),
-            checkpoint=spec.model.checkpoint,
-            pretrained=spec.model.pretrained,
-        ),
-        dataset=DatasetRef(name=spec.dataset.name, path=spec.dataset.path, options=dict(spec.dataset.options)),
-        seed=spec.seed,
-        artifact_root=artifact_root,
-    )
-
-
-def artifact_from_manifest(key: str, path: str, m: dict[str, Any]) -> ArtifactInfo:
-    return ArtifactInfo(
-        key=key, path=path, size_bytes=int(m["size_bytes"]), sha256=m["sha256"],
-        materialized=bool(m["materialized"]), params=int(m["params"]), macs=int(m["macs"]),
-        compression=m.get("compression", {}),
-    )
-
-
-class WorkerPool:
-    """One :class:`workers.actor.StageWorker` actor per live greensweep node.
-
-    With *cache_dir* (artifact transfer ``object-store``: nodes share no disk) each worker
-    keeps artifacts under its own ``<cache_dir>/<node id>`` on its node.
-
-    Each actor runs stages one at a time (Ray's default concurrency group has one
-    thread); ``describe`` and ``progress`` answer from a separate ``control`` group while a
-    stage runs. A slot whose actor died is replaced by :meth:`restart` while its node
-    lives, and dropped by :meth:`drop` when its node left the cluster.
-    """
-
-    def __init__(self, nodes: list[NodeInfo], cache_dir: str | None = None) -> None:
-        import ray
-
-        from workers.actor import StageWorker
-
-        self.cache_dir = cache_dir
-        self._remote_cls = ray.remote(concurrency_groups={"control": 1})(StageWorker)
-        self.slots: list[Slot] = [Slot(node=n, handle=self._start(n)) for n in nodes]
-        self.lost_nodes: list[NodeInfo] = []
-
-    def _start(self, node: NodeInfo) -> Any:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        cpus = max(1, node.num_cpus)
-        return self._remote_cls.options(
-            num_cpus=cpus,
-            num_gpus=min(node.num_gpus, 1),
-            max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-        ).remote(node.node_id, dict(node.labels), cpus, "cuda" if node.num_gpus else "cpu",
-                 f"{self.cache_dir}/{node.node_id[:16]}" if self.cache_dir else None)
-
-    def hardware(self, timeout_s: float = ACTOR_START_TIMEOUT_S) -> dict[str, dict[str, Any]]:
-        """Hardware facts read on each node. A worker that does not start within
-        *timeout_s* is named in a :class:`~orchestrator.errors.ClusterError`."""
-        import ray
-
-        from orchestrator.errors import ClusterError
-
-        refs = {s.handle.describe.options(concurrency_group="control").remote(): s for s in self.slots}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            late = ", ".join(f"{refs[r].node.node_id[:12]} ({refs[r].node.node_type})" for r in pending)
-            raise ClusterError(f"worker actors on node(s) {late} did not start within {timeout_s:.0f}s -- check "
-                               "`ray status` for those nodes' resources and health")
-        out = {}
-        for ref in ready:
-            try:
-                out[refs[ref].node.node_id] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                n = refs[ref].node
-                raise ClusterError(f"worker on node {n.node_id[:12]} ({n.node_type}) failed to start: "
-                                   f"{' '.join(str(e).split())[:200]}") from None
-        return out
-
-    def alive_node_ids(self) -> set[str]:
-        import ray
-
-        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-
-    def restart(self, slot: Slot, timeout_s: float = RESTART_TIMEOUT_S) -> bool:
-        """Replace the slot's dead worker by a new one on the same node; True once the new
-        worker answers. False when it cannot start there within *timeout_s* (the node is
-        going away: Ray may still list it as alive for several seconds after it died)."""
-        import ray
-
-        try:
-            ray.kill(slot.handle)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
-        slot.handle = self._start(slot.node)
-        slot.busy_keys.clear()
-        probe = slot.handle.describe.options(concurrency_group="control").remote()
-        ready, _ = ray.wait([probe], timeout=timeout_s)
-        if not ready:
-            return False
-        try:
-            ray.get(ready[0])
-        except ray.exceptions.RayError:
-            return False
-        return True
-
-    def drop(self, slot: Slot) -> None:
-        if slot in self.slots:
-            self.slots.remove(slot)
-            self.lost_nodes.append(slot.node)
-
-    def shutdown(self) -> None:
-        import ray
-
-        for s in self.slots:
-            try:
-                ray.kill(s.handle)
-            except Exception:  # noqa: BLE001 - a dead actor is already gone
-                pass
+CARBON_FINISH_S = 30.0  # how long a finished run waits for carbon figures still being fetched
+SHORT_STAGE_S = 0.5  # stages of a kind whose median run is shorter may queue on a busy worker
 
 
 @dataclass
@@ -261,12 +66,14 @@ class _Running:
 
 class Coordinator:
     def __init__(self, *, store: Any, spec: SweepSpec, plan: Plan, sweep_id: str, artifact_root: str,
-                 pool: WorkerPool, progress: Progress, carbon: Any = None, placer: Any = None,
+                 pool: Pool, progress: Progress, carbon: Any = None, placer: Any = None,
                  options: RunOptions | None = None, initial_status: dict[str, str] | None = None) -> None:
         """*carbon* is an ``orchestrator.carbon.IntensityProvider`` (None: no carbon
         accounting); its regions were checked against the nodes' before work started.
         *placer* is an :class:`orchestrator.scheduler.online.CarbonPlacer` (None: ``fifo``).
-        *initial_status* (resume) gives stages already done: ``succeeded``/``reused``."""
+        *initial_status* (resume) gives stages already done: ``succeeded``/``reused``.
+        *pool* runs the stages (:class:`orchestrator.pool.WorkerPool`); the coordinator
+        keeps its slots' ``busy_keys``."""
         self.store, self.spec, self.plan = store, spec, plan
         self.sweep_id, self.artifact_root = sweep_id, artifact_root
         self.pool, self.progress, self.carbon, self.placer = pool, progress, carbon, placer
@@ -285,15 +92,21 @@ class Coordinator:
         self._ready_keys: set[str] = {k for k in self.status if self._is_ready(k)}
         self._reuse_checked: set[str] = set()
         self._kind_s: dict[str, list[float]] = {}  # recent durations per kind: short stages pipeline
-        self.in_flight: dict[Any, _Running] = {}
+        # pool call handle -> its stages, in the order the call runs them (one today; a
+        # cohort call carries several)
+        self.in_flight: dict[Hashable, list[_Running]] = {}
         self._held_notes: dict[str, tuple[str, str]] = {}  # stage key -> (node, start) last said it waits for
         self._slot_done: dict[int, float] = {}  # id(slot) -> when its last stage's result came in
         self.claimed: set[str] = set()
         self.waiting_on: dict[str, str] = {}  # stage key -> sweep building its artifact
         self.cancelled = False
-        self._blobs: dict[str, Any] = {}  # artifact key -> object ref of its packed bytes
+        self._blobs: dict[str, Any] = {}  # artifact key -> the pool's token for its packed bytes
         self._last_progress_poll = time.monotonic()
         self._last_heartbeat = 0.0
+        # carbon figures being fetched off the tick (a rate-limited API must not stall
+        # dispatch): (stage, future of its Intensity), recorded as they arrive
+        self._carbon_jobs: list[tuple[PlannedStage, Future]] = []
+        self._carbon_pool: ThreadPoolExecutor | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -401,6 +214,7 @@ class Coordinator:
         self._heartbeat()
         if self.cancelled:
             return
+        self._record_carbon()
         self._dispatch()
         if not self.in_flight:
             if self._ready():
@@ -456,33 +270,25 @@ class Coordinator:
             if decision is not None:
                 self.store.record_placement(self.sweep_id, decision)
             self._set(stage.key, "running")
-            ref = slot.handle.run.remote(task_for(self.spec, self.sweep_id, stage, self.artifact_root), keys, *blobs)
-            self.in_flight[ref] = _Running(stage, slot, attempts[stage.key], now, mono)
+            task = task_for(self.spec, self.sweep_id, stage, self.artifact_root)
+            handle = self.pool.submit(slot, [task], (keys, blobs))
+            self.in_flight[handle] = [_Running(stage, slot, attempts[stage.key], now, mono)]
             self.progress.stage_started(stage, slot.node)
 
     def _shipment(self, stage: PlannedStage) -> tuple[tuple[str, ...], list[Any]]:
-        """Artifacts *stage* reads, as object-store refs, when nodes share no disk."""
+        """Artifacts *stage* reads, as the pool's blob tokens, when nodes share no disk."""
         if self.options.transfer != "object-store":
             return (), []
-        import ray
-
         from workers.artifacts import FILE_PREFIX, file_entry, pack
 
-        keys = [k for k in (stage.parent_key,) if k]
-        teacher = str(stage.params.get("teacher") or "")
-        if teacher.startswith("artifact:"):
-            keys.append(teacher.removeprefix("artifact:"))
-        # files the spec names travel too, checked against the digest taken at spec time
-        files: dict[str, str] = {}
-        if stage.parent_key is None and self.spec.model.checkpoint and self.spec.checkpoint_sha256:
-            files[self.spec.model.checkpoint] = self.spec.checkpoint_sha256
-        if teacher.startswith("checkpoint:") and stage.params.get("teacher_sha256"):
-            files[teacher.removeprefix("checkpoint:")] = str(stage.params["teacher_sha256"])
-        keys += [file_entry(sha, path) for path, sha in files.items()]
+        # what the stage reads, as its kind declared it at plan time: the parent, other
+        # artifacts (a teacher), and spec-named files checked against their spec-time digest
+        keys = [k for k in (stage.parent_key,) if k] + list(stage.inputs.artifacts)
+        keys += [file_entry(sha, path) for path, sha in stage.inputs.files]
         refs = []
         for k in keys:
             if k not in self._blobs:
-                self._blobs[k] = ray.put(self._file_bytes(k) if k.startswith(FILE_PREFIX) else pack(self.artifact_root, k))
+                self._blobs[k] = self.pool.put(self._file_bytes(k) if k.startswith(FILE_PREFIX) else pack(self.artifact_root, k))
             refs.append(self._blobs[k])
         return tuple(keys), refs
 
@@ -515,34 +321,40 @@ class Coordinator:
         return dataclasses.replace(result, artifact=artifact, artifact_blob=None)
 
     def _collect(self) -> None:
-        import ray
-
-        refs = list(self.in_flight)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=WAIT_TICK_S)
-        if ready and rest:
+        handles = list(self.in_flight)
+        done = self.pool.wait(handles, num_returns=1, timeout_s=WAIT_TICK_S)
+        if done and len(done) < len(handles):
             # take the other results that are there too; when short stages are queued, give
             # them a moment to finish so one transaction persists a batch of them
             short = {k for k in self._kind_s if self._short(k)}
-            window = BATCH_WINDOW_S if all(r.stage.kind in short for r in self.in_flight.values()) else 0
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=window)
-            ready = ready + more
-        self._drain_progress(force=bool(ready))
+            window = BATCH_WINDOW_S if all(r.stage.kind in short for r in self._runs()) else 0
+            taken = {c.handle for c in done}
+            rest = [h for h in handles if h not in taken]
+            done = done + self.pool.wait(rest, num_returns=len(rest), timeout_s=window)
+        self._drain_progress(force=bool(done))
         finished: list[tuple[_Running, StageResult]] = []
         lost: list[tuple[_Running, str]] = []
-        for ref in ready:
-            run = self.in_flight.pop(ref)
-            self._slot_done[id(run.slot)] = time.monotonic()
-            try:
-                finished.append((run, self._install(ray.get(ref))))
-            except ray.exceptions.RayActorError as e:
-                lost.append((run, " ".join(str(e).split())[:200]))
-            except ray.exceptions.RayError as e:  # e.g. the task's result could not be fetched
-                lost.append((run, f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"))
+        for completion in done:
+            runs = self.in_flight.pop(completion.handle)
+            self._slot_done[id(runs[0].slot)] = time.monotonic()
+            finished_runs, why = self._unpack(completion, runs)
+            finished += finished_runs
+            lost += [(run, why) for run in runs[len(finished_runs):]]
         self._check_timeouts(lost)
         if finished:
             self._persist(finished)
         if lost:
             self._handle_lost(lost)
+
+    def _unpack(self, completion: Completion, runs: list[_Running]) -> tuple[list[tuple[_Running, StageResult]], str]:
+        """The finished (run, result) pairs of one call, and why the rest were lost."""
+        if completion.results is None:
+            return [], completion.lost or "its worker was lost"
+        got = [(run, self._install(r)) for run, r in zip(runs, completion.results)]
+        return got, f"its worker returned {len(completion.results)} result(s) for {len(runs)} stage(s)"
+
+    def _runs(self) -> list[_Running]:
+        return [run for runs in self.in_flight.values() for run in runs]
 
     def _persist(self, finished: list[tuple[_Running, StageResult]]) -> None:
         self.store.record_stage_results(self.sweep_id, [r for _, r in finished])
@@ -566,24 +378,23 @@ class Coordinator:
 
     def _check_timeouts(self, lost: list[tuple[_Running, str]]) -> None:
         """Attempts running past ``stage_timeout_s``: kill their worker; they are lost."""
-        import ray
-
         limit = self.options.stage_timeout_s
         now = time.monotonic()
-        # a worker runs its queue in order, one stage at a time: only the oldest stage
+        # a worker runs its queue in order, one call at a time: only the oldest call
         # dispatched to a slot is running, since the later of its dispatch and the end of
-        # the slot's previous stage; the clock of the stages queued behind it has not started
-        running: dict[int, tuple[Any, _Running]] = {}
-        for ref, run in self.in_flight.items():
-            head = running.get(id(run.slot))
-            if head is None or run.started_mono < head[1].started_mono:
-                running[id(run.slot)] = (ref, run)
-        for ref, run in running.values():
-            began = max(run.started_mono, self._slot_done.get(id(run.slot), 0.0))
+        # the slot's previous call; the clock of the calls queued behind it has not started
+        running: dict[int, tuple[Hashable, list[_Running]]] = {}
+        for handle, runs in self.in_flight.items():
+            head = running.get(id(runs[0].slot))
+            if head is None or runs[0].started_mono < head[1][0].started_mono:
+                running[id(runs[0].slot)] = (handle, runs)
+        for handle, runs in running.values():
+            slot = runs[0].slot
+            began = max(runs[0].started_mono, self._slot_done.get(id(slot), 0.0))
             if now - began > limit:
-                ray.kill(run.slot.handle)  # its other queued stages come back as lost
-                self.in_flight.pop(ref)
-                lost.append((run, f"the attempt ran past the stage timeout of {limit:g}s and was killed"))
+                self.pool.kill(slot)  # its other queued calls come back as lost
+                self.in_flight.pop(handle)
+                lost += [(run, f"the attempt ran past the stage timeout of {limit:g}s and was killed") for run in runs]
 
     def _handle_lost(self, lost: list[tuple[_Running, str]]) -> None:
         """Worker deaths: restart the worker where its node lives, drop the slot where the
@@ -595,11 +406,11 @@ class Coordinator:
             if id(slot) in handled or slot not in self.pool.slots:
                 continue
             handled.add(id(slot))
-            # every other stage queued on that actor is lost with it
-            for ref, other in list(self.in_flight.items()):
-                if other.slot is slot:
-                    self.in_flight.pop(ref)
-                    lost.append((other, "its worker died while it was queued"))
+            # every other stage queued on that worker is lost with it
+            for handle, others in list(self.in_flight.items()):
+                if others[0].slot is slot:
+                    self.in_flight.pop(handle)
+                    lost += [(other, "its worker died while it was queued") for other in others]
             if slot.node.node_id in alive and self.pool.restart(slot):
                 continue
             alive.discard(slot.node.node_id)  # a worker that cannot restart there: the node is leaving
@@ -628,17 +439,51 @@ class Coordinator:
 
     def _account_carbon(self, stage: PlannedStage, node: NodeInfo, start: datetime, end: datetime) -> None:
         """Carbon of a finished stage: its energy x its node region's intensity during
-        the stage's run. A provider failure loses the carbon figure, not the result."""
+        the stage's run, fetched on a helper thread (an HTTP provider may retry for
+        seconds) and recorded by :meth:`_record_carbon` on a later tick."""
         if self.carbon is None:
             return
-        from orchestrator.carbon import CarbonDataError, CarbonProviderError
+        if self._carbon_pool is None:
+            self._carbon_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greensweep-carbon")
+        job = self._carbon_pool.submit(self.carbon.intensity, node.region or "", start, end)
+        self._carbon_jobs.append((stage, job))
 
-        try:
-            figure = self.carbon.intensity(node.region or "", start, end)
-        except (CarbonDataError, CarbonProviderError) as e:
-            self.progress.warning(f"no carbon figure for {stage.label} ({stage.key[:12]}): {e}")
+    def _record_carbon(self, wait_s: float = 0.0) -> None:
+        """Store the carbon figures that arrived (waiting up to *wait_s* for the rest).
+        A provider failure loses the carbon figure, not the result, and says so."""
+        if not self._carbon_jobs:
             return
-        self.store.record_carbon(self.sweep_id, stage.key, figure)
+        from orchestrator.carbon import CarbonDataError, CarbonProviderError
+        from orchestrator.errors import first_line
+
+        if wait_s > 0:
+            wait_futures([job for _, job in self._carbon_jobs], timeout=wait_s)
+        pending = []
+        for stage, job in self._carbon_jobs:
+            if not job.done():
+                pending.append((stage, job))
+                continue
+            try:
+                figure = job.result()
+            except (CarbonDataError, CarbonProviderError) as e:
+                self.progress.warning(f"no carbon figure for {stage.label} ({stage.key[:12]}): {e}")
+            except Exception as e:  # noqa: BLE001 - a provider bug loses the figure, never the sweep
+                self.progress.warning(f"no carbon figure for {stage.label} ({stage.key[:12]}): {first_line(e)}")
+            else:
+                self.store.record_carbon(self.sweep_id, stage.key, figure)
+        self._carbon_jobs = pending
+
+    def _finish_carbon(self) -> None:
+        """At the end of a run: the figures still coming get :data:`CARBON_FINISH_S`;
+        those that do not arrive are named, not silently missing."""
+        self._record_carbon(wait_s=CARBON_FINISH_S)
+        for stage, _ in self._carbon_jobs:
+            self.progress.warning(f"no carbon figure for {stage.label} ({stage.key[:12]}): the intensity provider "
+                                  f"did not answer within {CARBON_FINISH_S:.0f} s")
+        self._carbon_jobs = []
+        if self._carbon_pool is not None:
+            self._carbon_pool.shutdown(wait=False, cancel_futures=True)
+            self._carbon_pool = None
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -652,13 +497,8 @@ class Coordinator:
     def _cancel(self) -> None:
         """Stop: kill the workers running stages, close their attempts as cancelled and
         put the stages back to pending (``resume`` runs them again)."""
-        import ray
-
-        for run in self.in_flight.values():
-            try:
-                ray.kill(run.slot.handle)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
+        for run in self._runs():
+            self.pool.kill(run.slot)
             self.store.end_attempt(self.sweep_id, run.stage.key, "cancelled", "sweep cancelled",
                                    back_to_pending=True)
             self._set(run.stage.key, "pending")
@@ -667,8 +507,6 @@ class Coordinator:
 
     def _drain_progress(self, *, force: bool = False) -> None:
         """Persist what running stages reported (e.g. epochs), every PROGRESS_POLL_S."""
-        import ray
-
         now = time.monotonic()
         if not force and now - self._last_progress_poll < PROGRESS_POLL_S:
             return
@@ -677,19 +515,12 @@ class Coordinator:
         if not busy or not any(get_kind(self.plan.stage(k).kind).produces_artifact
                                for s in busy for k in s.busy_keys):
             return
-        refs = [s.handle.progress.options(concurrency_group="control").remote() for s in busy]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_TIMEOUT_S)
-        for ref in ready:
-            try:
-                reports = ray.get(ref)
-            except ray.exceptions.RayError:
-                continue  # a dead worker is handled where its stage result is collected
-            by_key: dict[str, list[dict[str, Any]]] = {}
-            for key, entry in reports:
-                by_key.setdefault(key, []).append(entry)
-            for key, entries in by_key.items():
-                self.store.record_progress(self.sweep_id, key, entries)
-                self.progress.stage_progress(self.plan.stage(key), entries[-1])
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for key, entry in self.pool.progress(busy):
+            by_key.setdefault(key, []).append(entry)
+        for key, entries in by_key.items():
+            self.store.record_progress(self.sweep_id, key, entries)
+            self.progress.stage_progress(self.plan.stage(key), entries[-1])
 
     def _fail_unrunnable(self) -> bool:
         """Fail ready stages that no live slot can ever take (their target node type has
@@ -718,6 +549,8 @@ class Coordinator:
                 self.step()
         except KeyboardInterrupt:
             self._cancel()
+        finally:
+            self._finish_carbon()
         if self.cancelled:
             self.store.release_sweep(self.sweep_id, "cancelled")
             return SweepOutcome(self.sweep_id, "cancelled", self._counts(), time.perf_counter() - start)

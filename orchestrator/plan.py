@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import SweepSpec
+from workers.stages.registry import (
+    ARTIFACT_PREFIX,
+    CHECKPOINT_PREFIX,
+    StageInputs,
+    get_kind,
+    kind_with_role,
+    stage_label,
+)
 
 KEY_HEX_CHARS = 24  # 96 bits: collisions are not a practical concern for sweeps
 
@@ -33,19 +41,20 @@ def stage_key(parent_key: str, kind: str, params: Mapping[str, Any]) -> str:
 
 
 def root_key(spec: SweepSpec) -> str:
-    """Hash of what the root model depends on: architecture, weights source, data, seed."""
-    return stage_key(
-        "root",
-        "model",
-        {
-            "arch": spec.model.arch,
-            "kwargs": dict(spec.model.kwargs),
-            "checkpoint_sha256": spec.checkpoint_sha256,
-            "pretrained": spec.model.pretrained,
-            "dataset": {"name": spec.dataset.name, "path": spec.dataset.path, "options": dict(spec.dataset.options)},
-            "seed": spec.seed,
-        },
-    )
+    """Hash of what the root model depends on: architecture, weights source, data, seed,
+    and ``model.input_size`` -- only when the spec gives it, so the keys of specs without
+    it (and their stored artifacts) are what they were."""
+    material: dict[str, Any] = {
+        "arch": spec.model.arch,
+        "kwargs": dict(spec.model.kwargs),
+        "checkpoint_sha256": spec.checkpoint_sha256,
+        "pretrained": spec.model.pretrained,
+        "dataset": {"name": spec.dataset.name, "path": spec.dataset.path, "options": dict(spec.dataset.options)},
+        "seed": spec.seed,
+    }
+    if spec.model.input_size is not None:
+        material["input_size"] = list(spec.model.input_size)
+    return stage_key("root", "model", material)
 
 
 @dataclass(frozen=True)
@@ -54,14 +63,17 @@ class PlannedStage:
     kind: str
     params: Mapping[str, Any]  # validated, defaults filled
     parent_key: str | None  # None: built from the spec's model (root stage)
-    label: str  # readable, e.g. "prune(method=structured,ratio=0.5)"
+    label: str  # registry.stage_label, e.g. "prune(method=structured, ratio=0.5, mode=all)"
     target: str | None = None  # evaluate stages: the node type they are pinned to
+    # What the stage reads besides its parent (a teacher artifact, spec-named files with
+    # their digests), from its kind's declaration: what the coordinator ships.
+    inputs: StageInputs = field(default_factory=StageInputs)
 
 
 @dataclass(frozen=True)
 class PlannedPoint:
     index: int
-    label: str  # e.g. "structured: prune(method=structured,ratio=0.5) > quantize(weights=int8)"
+    label: str  # e.g. "structured: prune(method=structured, ratio=0.5, mode=all) > quantize(weights=int8)"
     pipeline: str
     stage_keys: tuple[str, ...]  # root-first chain of model-producing stages
     stage_labels: tuple[str, ...]
@@ -104,7 +116,8 @@ class Plan:
             "naive_stages": self.naive_stage_count,
             "stages": [
                 {"key": s.key, "kind": s.kind, "label": s.label, "parent_key": s.parent_key,
-                 "target": s.target, "params": dict(s.params)}
+                 "target": s.target, "params": dict(s.params),
+                 "reads": {"artifacts": list(s.inputs.artifacts), "files": [path for path, _ in s.inputs.files]}}
                 for s in self.stages
             ],
             "point_list": [
@@ -115,33 +128,44 @@ class Plan:
         }
 
 
-def _label(kind: str, written: Mapping[str, Any]) -> str:
-    inner = ",".join(f"{k}={v}" for k, v in written.items())
-    return f"{kind}({inner})"
+def _baseline_ref(spec: SweepSpec, train_key: str | None) -> str | None:
+    """What a ``baseline`` reference means in this sweep: its trained baseline, else the
+    checkpoint it starts from, else nothing (a pretrained model with no train section)."""
+    if train_key is not None:
+        return f"{ARTIFACT_PREFIX}{train_key}"
+    if spec.model.checkpoint is not None:
+        return f"{CHECKPOINT_PREFIX}{spec.model.checkpoint}"
+    return None
 
 
-def _resolve_teacher(spec: SweepSpec, params: dict[str, Any], train_key: str | None, label: str) -> dict[str, Any]:
-    """Stages that learn from a teacher name it as ``baseline`` (the sweep's unpruned
-    model), ``artifact:<key>`` or ``checkpoint:<path>``; workers get only the last two.
-    Returns the key material: the params plus the teacher file's digest."""
-    teacher = params.get("teacher")
-    if teacher is None:
-        return params
-    if teacher == "baseline":
-        if train_key is not None:
-            params["teacher"] = f"artifact:{train_key}"
-        elif spec.model.checkpoint is not None:
-            params["teacher"] = f"checkpoint:{spec.model.checkpoint}"
-        else:
-            raise SpecError(
-                f"{label}: teacher 'baseline' needs the sweep's baseline model -- add a 'train:' section "
-                "(e.g. fine-tune the pretrained model) or name a teacher: 'checkpoint:<file>' or 'artifact:<key>'"
-            )
-    if params["teacher"].startswith("checkpoint:"):
-        path = params["teacher"].removeprefix("checkpoint:")
-        digest = spec.file_sha256.get(path) or spec.checkpoint_sha256
-        return {**params, "teacher_sha256": digest}
-    return params
+def _resolve(spec: SweepSpec, kind: str, params: dict[str, Any], baseline: str | None,
+             label: str) -> tuple[dict[str, Any], StageInputs, dict[str, Any]]:
+    """The stage's params with its references resolved, what it reads, and its key
+    material -- all from the kind's declaration."""
+    sk = get_kind(kind)
+    try:
+        resolved = sk.resolve(params, baseline)
+    except ValueError as e:
+        raise SpecError(
+            f"{label}: {e} -- add a 'train:' section (e.g. fine-tune the pretrained model) or name it as "
+            "'checkpoint:<file>' or 'artifact:<key>'"
+        ) from None
+    files = dict(spec.file_sha256)
+    if spec.model.checkpoint is not None and spec.checkpoint_sha256 is not None:
+        files.setdefault(spec.model.checkpoint, spec.checkpoint_sha256)
+    inputs = sk.inputs(resolved, files)
+    return resolved, inputs, sk.key_material(resolved, inputs)
+
+
+def _root_inputs(spec: SweepSpec) -> StageInputs:
+    """A root stage (no parent) builds from the spec's model: its checkpoint travels with it."""
+    if spec.model.checkpoint is not None and spec.checkpoint_sha256 is not None:
+        return StageInputs(files=((spec.model.checkpoint, spec.checkpoint_sha256),))
+    return StageInputs()
+
+
+def _with_root(inputs: StageInputs, root: StageInputs) -> StageInputs:
+    return replace(inputs, files=tuple(dict((*root.files, *inputs.files)).items()))
 
 
 def build_plan(spec: SweepSpec) -> Plan:
@@ -154,14 +178,18 @@ def build_plan(spec: SweepSpec) -> Plan:
     def add(stage: PlannedStage) -> None:
         stages.setdefault(stage.key, stage)
 
-    # The chain's root: the baseline train, or none (first stage builds from the checkpoint).
+    root_inputs = _root_inputs(spec)
+    # The chain's root: the baseline training, or none (first stage builds from the checkpoint).
     base_chain: list[PlannedStage] = []
     train_key: str | None = None
     if spec.train is not None:
-        train = PlannedStage(stage_key(rkey, "train", spec.train), "train", dict(spec.train), None, "train")
+        kind = kind_with_role("baseline").name
+        train = PlannedStage(stage_key(rkey, kind, spec.train), kind, dict(spec.train), None, kind,
+                             inputs=root_inputs)
         add(train)
         base_chain.append(train)
         train_key = train.key
+    baseline = _baseline_ref(spec, train_key)
 
     chains: list[tuple[str, list[PlannedStage]]] = []
     if spec.evaluate.baseline:
@@ -172,30 +200,33 @@ def build_plan(spec: SweepSpec) -> Plan:
             grown = []
             for chain in partial:
                 parent = chain[-1].key if chain else rkey
-                for written, full in template.combinations():
-                    label = _label(template.kind, written)
-                    key_material = _resolve_teacher(spec, full, train_key, f"pipeline {pipeline.name}: {label}")
+                for _written, full in template.combinations():
+                    label = stage_label(template.kind, full)  # validated params, references not yet resolved
+                    full, inputs, key_material = _resolve(spec, template.kind, full, baseline,
+                                                          f"pipeline {pipeline.name}: {label}")
                     st = PlannedStage(
                         stage_key(parent, template.kind, key_material), template.kind, full,
                         chain[-1].key if chain else None, label,
+                        inputs=inputs if chain else _with_root(inputs, root_inputs),
                     )
                     add(st)
                     grown.append(chain + [stages[st.key]])
             partial = grown
         chains.extend((pipeline.name, c) for c in partial)
 
+    evaluate = kind_with_role("evaluation").name
     for pipeline_name, chain in chains:
         for target in spec.evaluate.targets:
             params = spec.evaluate.params_for(target)
             # An empty chain (checkpoint or pretrained model, no train) evaluates the root as loaded.
             parent = chain[-1].key if chain else None
             ev = PlannedStage(
-                stage_key(parent or rkey, "evaluate", params), "evaluate", params, parent,
-                f"evaluate({target})", target,
+                stage_key(parent or rkey, evaluate, params), evaluate, params, parent,
+                f"{evaluate}({target})", target, inputs=StageInputs() if chain else root_inputs,
             )
             add(ev)
             labels = tuple(s.label for s in chain)
-            compress = [s.label for s in chain if s.kind != "train"]
+            compress = [s.label for s in chain if get_kind(s.kind).role == "pipeline"]
             label = "baseline" if not compress else f"{pipeline_name}: " + " > ".join(compress)
             points.append(PlannedPoint(
                 index=len(points), label=label, pipeline=pipeline_name,

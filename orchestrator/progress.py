@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 _FINISHED_OK = ("succeeded", "reused")
 
 
+def _role(kind: str) -> str | None:
+    """The kind's registered role (None for a kind this coordinator does not know)."""
+    from workers.stages.registry import STAGE_KINDS
+
+    known = STAGE_KINDS.get(kind)
+    return known.role if known is not None else None
+
+
 def stage_names(plan: Any) -> dict[str, str]:
     """A readable name per stage key, naming each stage by its chain, e.g.
     ``evaluate(local) of prune(...) > quantize(...)``, so a line says which sweep point
@@ -44,9 +52,10 @@ def stage_names(plan: Any) -> dict[str, str]:
     names: dict[str, str] = {}
     for st in plan.stages:  # parents come first
         parent = names.get(st.parent_key, "") if st.parent_key else ""
-        if st.kind == "train":
+        role = _role(st.kind)
+        if role == "baseline":
             names[st.key] = ""
-        elif st.kind == "evaluate":
+        elif role == "evaluation":
             names[st.key] = f"{st.label} of {parent or 'the baseline'}"
         else:
             names[st.key] = f"{parent} > {st.label}" if parent else st.label
@@ -67,7 +76,7 @@ def _progress_text(report: Mapping[str, Any]) -> str:
 
 def _summary(kind: str, m: Mapping[str, Any]) -> str:
     """A finished stage's headline metric, e.g. ``top1 97.2%  0.031 ms/sample``."""
-    if kind == "evaluate" and m.get("top1") is not None:
+    if _role(kind) == "evaluation" and m.get("top1") is not None:
         return f"top1 {100 * m['top1']:.1f}%  {1e3 * m.get('time_per_sample_s', 0):.3f} ms/sample"
     if m.get("best_val_top1") is not None:
         before = f"{100 * m['initial_val_top1']:.1f}% -> " if m.get("initial_val_top1") is not None else ""

@@ -24,104 +24,35 @@ files, grids that expand past ``limits.max_points``. Every problem raises
 :class:`~orchestrator.errors.SpecError` with one line naming the field path and the fix.
 Stage parameters are validated by the parameter models registered for each kind in
 :mod:`workers.stages.registry`.
+
+The work is split by concern: :mod:`orchestrator.spec_yaml` reads the YAML (duplicate
+keys, alias bombs and nesting refused), :mod:`orchestrator.spec_file` holds the pydantic
+models of the file as written and turns their errors into one line, this module builds
+the frozen domain objects, and :mod:`orchestrator.spec_checks` runs the checks that
+import torch (lazily: ``import orchestrator.spec`` stays torch-free).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import math
-import json
-import re
-import typing
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from orchestrator.carbon import CarbonConfig, CarbonDataError, parse_carbon_config
 from orchestrator.errors import SpecError
-from workers.stages.registry import PIPELINE_KINDS, EvaluateParams, TrainParams, get_kind
+from orchestrator.spec_file import _pydantic_error, _SpecFile
+from orchestrator.spec_checks import check_checkpoint, check_environment, check_timm_arch
+from orchestrator.spec_yaml import load_yaml
+from workers.stages.registry import STAGE_KINDS, EvaluateParams, TrainParams, get_kind, pipeline_kinds
+from workers.util import canonical_json, sha256_file
 
-DEFAULT_MAX_POINTS = 1000
-
-# -- raw (as written) models: pydantic checks structure and types ------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _ModelSection(_Strict):
-    arch: str = Field(min_length=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
-    pretrained: bool = False
-
-
-class _DatasetSection(_Strict):
-    name: str = Field(min_length=1)
-    path: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-class _PipelineSection(_Strict):
-    name: str
-    stages: list[Any] = Field(min_length=1)  # each checked by _parse_stage (clearer messages)
-
-    @field_validator("name")
-    @classmethod
-    def _name_chars(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v):
-            raise ValueError("use only letters, digits, '_', '.' and '-', starting with a letter or digit")
-        return v
-
-
-class _EvaluateSection(_Strict):
-    targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
-    batch_size: int = EvaluateParams.model_fields["batch_size"].default
-    warmup_batches: int = EvaluateParams.model_fields["warmup_batches"].default
-    warmup_s: float = EvaluateParams.model_fields["warmup_s"].default
-    repeats: int = EvaluateParams.model_fields["repeats"].default
-    min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
-    idle_s: float = EvaluateParams.model_fields["idle_s"].default
-    baseline: bool = True  # also evaluate the uncompressed model
-
-    @field_validator("targets")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("targets must be unique")
-        return v
-
-
-class _LimitsSection(_Strict):
-    max_points: int = Field(DEFAULT_MAX_POINTS, ge=1)
-
-
-class _SchedulingSection(_Strict):
-    policy: Literal["fifo", "greedy-carbon", "carbon-deadline"] | None = None
-    deadline_h: float | None = Field(None, gt=0, le=24 * 365)
-    max_attempts: int = Field(3, ge=1, le=100)
-    stage_timeout_h: float = Field(24.0, gt=0, le=24 * 30)
-    flexible: list[str] = Field(default_factory=list)
-
-
-class _SpecFile(_Strict):
-    name: str = Field(min_length=1, max_length=200)
-    seed: int = 0
-    model: _ModelSection
-    dataset: _DatasetSection
-    train: dict[str, Any] | None = None
-    pipelines: list[_PipelineSection] = Field(default_factory=list)
-    evaluate: _EvaluateSection = Field(default_factory=_EvaluateSection)
-    store: str | None = None
-    carbon: Any = None  # validated by orchestrator.carbon.parse_carbon_config
-    limits: _LimitsSection = Field(default_factory=_LimitsSection)
-    scheduling: _SchedulingSection = Field(default_factory=_SchedulingSection)
+DEFAULT_ARTIFACTS = "./.greensweep/artifacts"  # as orchestrator.cli; GREENSWEEP_ARTIFACTS overrides
 
 
 # -- validated, frozen domain objects ----------------------------------------------------
@@ -133,6 +64,7 @@ class ModelSpec:
     kwargs: Mapping[str, Any]
     checkpoint: str | None  # absolute path
     pretrained: bool
+    input_size: tuple[int, int, int] | None = None  # model.input_size (C, H, W); None: as before
 
 
 @dataclass(frozen=True)
@@ -234,58 +166,6 @@ class SweepSpec:
 # -- parsing -------------------------------------------------------------------------------
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates the mapping at *loc* under *model* (None if unknown)."""
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
-                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return model
-
-
-def _pydantic_error(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> SpecError:
-    errors = e.errors(include_url=False)
-    # A misspelled key shows up as "unknown key" plus "required field missing"; the
-    # unknown key is the cause, so report it first.
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    path = _loc(tuple(p for p in (prefix,) if p) + tuple(err["loc"]))
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        allowed = ""
-        parent = _model_at(model, tuple(err["loc"][:-1]))
-        if parent is not None:
-            allowed = f"; allowed keys: {', '.join(parent.model_fields)}"
-        return SpecError(f"{path}: unknown key{allowed} -- remove it or fix its spelling")
-    if kind == "missing":
-        return SpecError(f"{path}: required field is missing -- add it")
-    if kind == "model_type":  # pydantic's message names our private section class
-        last = err["loc"][-1] if err["loc"] else prefix
-        example = f", e.g. '{last}: {{...}}'" if isinstance(last, str) and last else ""
-        return SpecError(f"{path}: must be a mapping of keys to values{example}")
-    if kind == "too_short":
-        return SpecError(f"{path}: must not be empty -- give at least one item")
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return SpecError(f"{path}: {msg}{shown}")
-
-
 def _as_axis(value: Any) -> tuple[Any, ...]:
     if isinstance(value, list):
         return tuple(value)
@@ -296,14 +176,16 @@ def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
     if not isinstance(raw, dict) or len(raw) != 1:
         raise SpecError(
             f"{path}: a stage is a mapping with exactly one key, the stage kind "
-            f"({', '.join(PIPELINE_KINDS)}), e.g. '- prune: {{method: structured, ratio: 0.5}}'"
+            f"({', '.join(pipeline_kinds())}), e.g. '- prune: {{method: structured, ratio: 0.5}}'"
         )
     (kind, params), = raw.items()
-    if kind in ("train", "evaluate"):
-        raise SpecError(f"{path}: {kind!r} is not a pipeline stage -- use the top-level '{kind}:' section; "
-                        f"pipeline stages are: {', '.join(PIPELINE_KINDS)}")
-    if kind not in PIPELINE_KINDS:
-        raise SpecError(f"{path}: unknown stage kind {kind!r} -- use one of: {', '.join(PIPELINE_KINDS)}")
+    known = STAGE_KINDS.get(kind) if isinstance(kind, str) else None
+    if known is not None and not known.hidden and known.role != "pipeline":
+        section = "train" if known.role == "baseline" else "evaluate"  # the spec sections of these roles
+        raise SpecError(f"{path}: {kind!r} is not a pipeline stage -- use the top-level '{section}:' section; "
+                        f"pipeline stages are: {', '.join(pipeline_kinds())}")
+    if kind not in pipeline_kinds():
+        raise SpecError(f"{path}: unknown stage kind {kind!r} -- use one of: {', '.join(pipeline_kinds())}")
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -318,7 +200,7 @@ def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
         values = _as_axis(value)
         if not values:
             raise SpecError(f"{path}.{kind}.{name}: an empty list gives no grid points -- give at least one value")
-        if len(set(map(_canonical, values))) != len(values):
+        if len(set(map(canonical_json, values))) != len(values):
             raise SpecError(f"{path}.{kind}.{name}: grid values repeat -- list each value once")
         axes.append((name, values))
     template = StageTemplate(kind=kind, axes=tuple(axes))
@@ -374,109 +256,25 @@ def _resolve_files(template: StageTemplate, path: str, base: Path, digests: dict
                     where = f"{path}.{template.kind}.{name}" + (f"[{j}]" if len(values) > 1 else "")
                     raise SpecError(f"{where}: file not found: {file} -- give the path of a .safetensors or "
                                     "weights-only .pt file, relative to the spec")
-                digests.setdefault(str(file), _sha256_file(file))
+                digests.setdefault(str(file), sha256_file(file))
                 v = f"{_CHECKPOINT_PREFIX}{file}"
             resolved.append(v)
         axes.append((name, tuple(resolved)))
     return replace(template, axes=tuple(axes))
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True,
+               artifact_root: Path | str | None = None) -> SweepSpec:
+    """Parse and validate YAML *text*; relative paths resolve against *base_dir*.
 
-
-def _check_arch(arch: str) -> None:
-    import timm  # lazy: imports torch
-
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise SpecError(f"model.arch: unknown timm architecture {arch!r}{hint} -- see timm.list_models()")
-
-
-def _check_checkpoint(path: str) -> None:
-    """The checkpoint must load weights-only (never unpickling code); checked now, not on
-    a worker after the cluster started."""
-    from orchestrator.errors import ArtifactError
-    from workers.models import ArtifactLoadError, check_checkpoint
-
-    try:
-        check_checkpoint(path)
-    except ArtifactLoadError as e:
-        raise ArtifactError(f"model.checkpoint: {e}") from None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable key: SafeLoader reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (each key may appear once per mapping)", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-    def get_single_data(self) -> Any:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        size = _expanded_size(node, {})
-        if size > MAX_YAML_NODES:
-            raise SpecError(f"spec expands to {size:,} YAML nodes through its aliases (&anchor / *alias), over "
-                            f"{MAX_YAML_NODES:,} -- write the values out instead of nesting aliases")
-        return self.construct_document(node)
-
-
-MAX_YAML_NODES = 100_000  # a real spec has hundreds; an alias bomb has billions
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Nodes *node* stands for once every alias is expanded (shared nodes counted each
-    time they are referenced), computed without expanding anything."""
-    key = id(node)
-    if key in memo:
-        return memo[key]
-    memo[key] = 1  # a recursive alias counts once rather than looping
-    if isinstance(node, yaml.MappingNode):
-        total = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    elif isinstance(node, yaml.SequenceNode):
-        total = 1 + sum(_expanded_size(v, memo) for v in node.value)
-    else:
-        total = 1
-    memo[key] = min(total, 10 * MAX_YAML_NODES)
-    return memo[key]
-
-
-def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True) -> SweepSpec:
-    """Parse and validate YAML *text*; relative paths resolve against *base_dir*."""
+    With *check_arch* (the default) the checks that read more than the text run too
+    (:func:`orchestrator.spec_checks.check_environment`: timm, the model on the meta device, the dataset's
+    headers, teacher artifacts under *artifact_root*, default ``$GREENSWEEP_ARTIFACTS``
+    else ``./.greensweep/artifacts``); tests and benchmarks that plan imaginary models
+    turn them off.
+    """
     base = Path(base_dir)
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "malformed YAML"
-        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
-        if context and cmark is not None and (mark is None or cmark.line != mark.line):
-            problem += f" ({context} started at line {cmark.line + 1}, column {cmark.column + 1})"
-        raise SpecError(f"spec is not valid YAML{where}: {' '.join(problem.split())} -- fix the syntax") from None
+    raw = load_yaml(text)
     if raw is None:
         raise SpecError("spec is empty -- it needs at least 'name', 'model' and 'dataset'; see examples/quickstart.yaml")
     if not isinstance(raw, dict):
@@ -495,13 +293,16 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
         cp = (base / f.model.checkpoint).resolve()
         if not cp.is_file():
             raise SpecError(f"model.checkpoint: file not found: {cp} -- give the path of a .safetensors or weights-only .pt file")
-        checkpoint, checkpoint_sha = str(cp), _sha256_file(cp)
+        checkpoint, checkpoint_sha = str(cp), sha256_file(cp)
     if f.model.checkpoint is not None and f.model.pretrained:
         raise SpecError("model: give either 'checkpoint' or 'pretrained: true', not both")
+    input_size = None if f.model.input_size is None else tuple(f.model.input_size)
+    if input_size is not None:
+        _check_input_size_kwargs(input_size, f.model.kwargs)
     if check_arch:
-        _check_arch(f.model.arch)
+        check_timm_arch(f.model.arch)
         if checkpoint is not None:
-            _check_checkpoint(checkpoint)
+            check_checkpoint(checkpoint)
 
     dataset_options = dict(f.dataset.options)
     if isinstance(dataset_options.get("root"), str):
@@ -562,7 +363,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             raise SpecError(msg if msg.startswith("carbon") else f"carbon: {msg}") from None
 
     sched = f.scheduling
-    movable = ("train", *PIPELINE_KINDS)
+    movable = tuple(k for k, sk in STAGE_KINDS.items() if sk.role != "evaluation" and not sk.hidden)
     for i, kind in enumerate(sched.flexible):
         if kind not in movable:
             raise SpecError(f"scheduling.flexible[{i}]: {kind!r} cannot be flexible -- one of: {', '.join(movable)}")
@@ -578,7 +379,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
     spec = SweepSpec(
         name=f.name,
         seed=f.seed,
-        model=ModelSpec(arch=f.model.arch, kwargs=dict(f.model.kwargs), checkpoint=checkpoint, pretrained=f.model.pretrained),
+        model=ModelSpec(arch=f.model.arch, kwargs=dict(f.model.kwargs), checkpoint=checkpoint,
+                        pretrained=f.model.pretrained, input_size=input_size),
         dataset=DatasetSpec(name=f.dataset.name, path=dataset_path, options=dataset_options),
         train=train,
         pipelines=pipelines,
@@ -606,7 +408,25 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             f"pipelines: the grid expands to {n} points, over limits.max_points={spec.max_points} -- "
             "shrink the grid or raise limits.max_points"
         )
+    if check_arch:
+        root = artifact_root if artifact_root is not None else os.environ.get("GREENSWEEP_ARTIFACTS", DEFAULT_ARTIFACTS)
+        check_environment(spec, Path(root).resolve())
     return spec
+
+
+def _check_input_size_kwargs(input_size: tuple[int, ...], kwargs: Mapping[str, Any]) -> None:
+    """``model.input_size`` sets ``in_chans`` and (for fixed-size architectures)
+    ``img_size``; kwargs that say otherwise would build a model for another input."""
+    channels, height, width = input_size
+    if "in_chans" in kwargs and kwargs["in_chans"] != channels:
+        raise SpecError(f"model.kwargs.in_chans: {kwargs['in_chans']!r} disagrees with model.input_size "
+                        f"{list(input_size)} -- remove in_chans (input_size sets it) or make them agree")
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        given = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+        if not isinstance(given, (list, tuple)) or list(given) != [height, width]:
+            raise SpecError(f"model.kwargs.img_size: {size!r} disagrees with model.input_size {list(input_size)} "
+                            "-- remove img_size (input_size sets it) or make them agree")
 
 
 def count_points(spec: SweepSpec) -> int:
@@ -621,7 +441,7 @@ def count_points(spec: SweepSpec) -> int:
     return chains * len(spec.evaluate.targets)
 
 
-def load_spec(path: str | Path, *, check_arch: bool = True) -> SweepSpec:
+def load_spec(path: str | Path, *, check_arch: bool = True, artifact_root: Path | str | None = None) -> SweepSpec:
     """Read and validate the spec file at *path*."""
     p = Path(path)
     try:
@@ -630,4 +450,4 @@ def load_spec(path: str | Path, *, check_arch: bool = True) -> SweepSpec:
         raise SpecError(f"spec file not found: {p} -- check the path (e.g. examples/quickstart.yaml)") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise SpecError(f"cannot read spec file {p}: {e.__class__.__name__} -- give a readable YAML file") from None
-    return parse_spec(text, base_dir=p.parent, check_arch=check_arch)
+    return parse_spec(text, base_dir=p.parent, check_arch=check_arch, artifact_root=artifact_root)

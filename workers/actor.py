@@ -66,25 +66,35 @@ class StageWorker:
     def run(self, task: StageTask, ship_keys: tuple[str, ...] = (), *blobs: bytes) -> StageResult:
         """Run one stage. *ship_keys* / *blobs*: artifacts the stage reads, packed by the
         coordinator (no shared disk); they are installed under the node's cache first."""
+        return self.run_many([task], ship_keys, *blobs)[0]
+
+    def run_many(self, tasks: list[StageTask], ship_keys: tuple[str, ...] = (), *blobs: bytes) -> list[StageResult]:
+        """Run several stages in this one call, in order, one at a time (a cohort of
+        evaluations measured together); one result per task. The shipped artifacts and
+        files (*ship_keys* / *blobs*, for all of them) are installed once, first."""
         if self.cache_root is None:
-            return self._run(task)
+            return [self._run(task) for task in tasks]
         from workers.artifacts import FILE_PREFIX, install_file, pack, unpack
 
-        task = dataclasses.replace(task, artifact_root=self.cache_root)
+        tasks = [dataclasses.replace(task, artifact_root=self.cache_root) for task in tasks]
         try:
             for key, blob in zip(ship_keys, blobs):
                 if key.startswith(FILE_PREFIX):
-                    task = _with_local_file(task, key, install_file(self.cache_root, key, blob))
+                    local = install_file(self.cache_root, key, blob)
+                    tasks = [_with_local_file(task, key, local) for task in tasks]
                 else:
                     unpack(self.cache_root, key, blob)
-        except Exception as e:  # noqa: BLE001 - reported as the stage's failure
-            return StageResult(key=task.key, kind=task.kind, status="failed", duration_s=0.0,
-                               node_id=self.env.node_id, error=f"receiving its input artifact: {one_line(e)}",
-                               traceback=traceback.format_exc())
-        result = self._run(task)
-        if result.status == "succeeded" and result.artifact is not None:
-            result = dataclasses.replace(result, artifact_blob=pack(self.cache_root, task.key))
-        return result
+        except Exception as e:  # noqa: BLE001 - reported as the stages' failure
+            return [StageResult(key=task.key, kind=task.kind, status="failed", duration_s=0.0,
+                                node_id=self.env.node_id, error=f"receiving its input artifact: {one_line(e)}",
+                                traceback=traceback.format_exc()) for task in tasks]
+        results = []
+        for task in tasks:
+            result = self._run(task)
+            if result.status == "succeeded" and result.artifact is not None:
+                result = dataclasses.replace(result, artifact_blob=pack(self.cache_root, task.key))
+            results.append(result)
+        return results
 
     def _run(self, task: StageTask) -> StageResult:
         from workers.stages.registry import get_kind
@@ -127,6 +137,6 @@ def _with_local_file(task: StageTask, entry: str, local: Any) -> StageTask:
     _, path = parse_file_entry(entry)
     if task.model.checkpoint == path:
         task = dataclasses.replace(task, model=dataclasses.replace(task.model, checkpoint=str(local)))
-    if task.params.get("teacher") == f"checkpoint:{path}":
-        task = dataclasses.replace(task, params={**task.params, "teacher": f"checkpoint:{local}"})
-    return task
+    from workers.stages.registry import get_kind
+
+    return dataclasses.replace(task, params=get_kind(task.kind).localize(task.params, path, str(local)))

@@ -140,6 +140,57 @@ def check_input_shape(splits: Splits, model_input_shape: tuple[int, ...] | list[
         )
 
 
+@dataclass(frozen=True)
+class DatasetHeader:
+    """What a spec check needs of a dataset, read without loading it."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]  # one sample's (C, H, W) as stored (before any conversion)
+
+
+# imagefolder headers read to find the images' common size; beyond this the first are trusted.
+_HEADER_IMAGES = 2000
+
+
+def dataset_header(ref: DatasetRef) -> DatasetHeader:
+    """Class count and sample shape of ``ref``, from the files' headers only: CIFAR's
+    small meta file, an imagefolder's class folders and image headers, the options of
+    ``digits`` / ``synthetic`` -- never the images themselves.
+
+    Raises what :func:`load_dataset` would raise for the same ``ref`` (``ValueError``
+    for an unknown name or bad options, :class:`DatasetNotFoundError` when the directory
+    or its files are missing, :class:`DatasetFormatError` for an unreadable meta file),
+    so a spec check catches it before a worker does.
+    """
+    if ref.name not in _LOADERS:
+        raise ValueError(f"unknown dataset {ref.name!r}; known datasets: {', '.join(_LOADERS)}")
+    options = dict(ref.options)
+    fraction = float(options.pop("val_fraction", DEFAULT_VAL_FRACTION))
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+    if ref.name == "digits":
+        _reject_unknown_options("digits", options, ())
+        return DatasetHeader(10, (1, 8, 8))
+    if ref.name == "synthetic":
+        shape, num_classes, _ = _synthetic_options(options)
+        return DatasetHeader(num_classes, shape)
+    if ref.name in _CIFAR:
+        directory, layout = _cifar_directory(ref.name, ref.path, options)
+        _rgb_statistics(ref.name, options)
+        return DatasetHeader(_cifar_class_count(ref.name, directory, layout), (3, _CIFAR_SIDE, _CIFAR_SIDE))
+    root, dev_files, test_files, classes, channels, image_size = _imagefolder_files(ref.path, options)
+    if test_files is None:
+        fraction = float(options.get("test_fraction", IMAGEFOLDER_TEST_FRACTION))
+        if not 0 < fraction < 1:
+            raise ValueError(f"imagefolder option test_fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+    if len(dev_files) < 2 or test_files == []:
+        raise DatasetNotFoundError(f"imagefolder at {root} has no images in its train or test split: {_IMAGEFOLDER_WHERE}")
+    if channels == 3:
+        _rgb_statistics("imagefolder", options)
+    size = image_size or _common_size(root, [f for f, _ in (dev_files + (test_files or []))[:_HEADER_IMAGES]])
+    return DatasetHeader(len(classes), (channels, size[0], size[1]))
+
+
 def adapt_images(images: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
     """``images`` (N, C, H, W) converted to ``input_shape`` (C', H', W'), on their device.
 
@@ -290,6 +341,27 @@ def _load_synthetic(path: str | None, options: Mapping[str, Any], seed: int, val
     match the model), ``num_samples`` (train and test size each, default 256; the
     validation split holds ``val_fraction`` of it, at least one sample).
     """
+    shape, num_classes, num_samples = _synthetic_options(options)
+    generator = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> TensorDataset:
+        images = torch.randn((n, *shape), generator=generator, dtype=torch.float32)
+        labels = torch.randint(0, num_classes, (n,), generator=generator, dtype=torch.int64)
+        return TensorDataset(images, labels)
+
+    return Splits(
+        name="synthetic",
+        train=split(num_samples),
+        val=split(max(1, round(num_samples * val_fraction))),
+        test=split(num_samples),
+        num_classes=num_classes,
+        input_shape=shape,
+        synthetic=True,
+    )
+
+
+def _synthetic_options(options: Mapping[str, Any]) -> tuple[tuple[int, int, int], int, int]:
+    """The synthetic dataset's (input_shape, num_classes, num_samples), checked."""
     _reject_unknown_options("synthetic", options, ("input_shape", "num_classes", "num_samples"))
     missing = [k for k in ("input_shape", "num_classes") if k not in options]
     if missing:
@@ -310,23 +382,7 @@ def _load_synthetic(path: str | None, options: Mapping[str, Any], seed: int, val
     num_samples = int(options.get("num_samples", SYNTHETIC_DEFAULT_NUM_SAMPLES))
     if num_classes < 2 or num_samples < 1:
         raise ValueError(f"synthetic needs num_classes >= 2 and num_samples >= 1, got {num_classes} and {num_samples}")
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def split(n: int) -> TensorDataset:
-        images = torch.randn((n, *shape), generator=generator, dtype=torch.float32)
-        labels = torch.randint(0, num_classes, (n,), generator=generator, dtype=torch.int64)
-        return TensorDataset(images, labels)
-
-    return Splits(
-        name="synthetic",
-        train=split(num_samples),
-        val=split(max(1, round(num_samples * val_fraction))),
-        test=split(num_samples),
-        num_classes=num_classes,
-        input_shape=shape,
-        synthetic=True,
-    )
+    return shape, num_classes, num_samples
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -373,24 +429,8 @@ def _load_cifar(name: str, path: str | None, options: Mapping[str, Any], seed: i
     The test split is the archive's own test batch; validation is a seeded, stratified
     share of its training batches. Options: ``root``, ``mean``, ``std``.
     """
-    _reject_unknown_options(name, options, ("root", "mean", "std"))
-    layout = _CIFAR[name]
-    wanted = (*layout.train_files, layout.test_file, layout.meta_file)
-    listed = ", ".join(repr(f) for f in wanted[:-1]) + f" and {wanted[-1]!r}"
-    where = f"put the {listed} files of {layout.archive_dir} there (from {CIFAR_URL})"
-    root = _dataset_root(name, path, options, where)
-    directory = next((d for d in (root, root / layout.archive_dir) if all((d / f).is_file() for f in wanted)), None)
-    if directory is None:
-        raise DatasetNotFoundError(f"{name} not found at {root}: {where}")
-
-    meta = _read_pickle(directory / layout.meta_file, name)
-    names = meta.get(layout.names_key) if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) < 2:
-        raise DatasetFormatError(
-            f"{name} file {directory / layout.meta_file} has no {layout.names_key.decode()!r} list; "
-            f"replace it with the file from {CIFAR_URL}"
-        )
-    num_classes = len(names)
+    directory, layout = _cifar_directory(name, path, options)
+    num_classes = _cifar_class_count(name, directory, layout)
     dev_images, dev_labels = _read_cifar_batches(name, [directory / f for f in layout.train_files], layout, num_classes)
     test_images, test_labels = _read_cifar_batches(name, [directory / layout.test_file], layout, num_classes)
 
@@ -404,6 +444,32 @@ def _load_cifar(name: str, path: str | None, options: Mapping[str, Any], seed: i
         num_classes=num_classes,
         input_shape=(3, _CIFAR_SIDE, _CIFAR_SIDE),
     )
+
+
+def _cifar_directory(name: str, path: str | None, options: Mapping[str, Any]) -> tuple[Path, _CifarLayout]:
+    """The directory holding every file of the archive (its own or the unpacked folder)."""
+    _reject_unknown_options(name, options, ("root", "mean", "std"))
+    layout = _CIFAR[name]
+    wanted = (*layout.train_files, layout.test_file, layout.meta_file)
+    listed = ", ".join(repr(f) for f in wanted[:-1]) + f" and {wanted[-1]!r}"
+    where = f"put the {listed} files of {layout.archive_dir} there (from {CIFAR_URL})"
+    root = _dataset_root(name, path, options, where)
+    directory = next((d for d in (root, root / layout.archive_dir) if all((d / f).is_file() for f in wanted)), None)
+    if directory is None:
+        raise DatasetNotFoundError(f"{name} not found at {root}: {where}")
+    return directory, layout
+
+
+def _cifar_class_count(name: str, directory: Path, layout: _CifarLayout) -> int:
+    """The number of class names in the archive's (small) meta file."""
+    meta = _read_pickle(directory / layout.meta_file, name)
+    names = meta.get(layout.names_key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) < 2:
+        raise DatasetFormatError(
+            f"{name} file {directory / layout.meta_file} has no {layout.names_key.decode()!r} list; "
+            f"replace it with the file from {CIFAR_URL}"
+        )
+    return len(names)
 
 
 def _read_cifar_batches(
@@ -451,29 +517,8 @@ def _load_imagefolder(path: str | None, options: Mapping[str, Any], seed: int, v
     images when they all have one), resized bilinearly. Options: ``root``,
     ``image_size``, ``channels``, ``mean``, ``std``, ``test_fraction``.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    _reject_unknown_options(
-        "imagefolder", options, ("root", "image_size", "channels", "mean", "std", "test_fraction")
-    )
-    where = "put one folder of images per class there (or train/ and test/ folders, each with one folder per class)"
-    root = _dataset_root("imagefolder", path, options, where)
-    split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
-    dev_dir = root / "train" if split_dirs else root
-    classes = sorted(d.name for d in dev_dir.iterdir() if d.is_dir()) if dev_dir.is_dir() else []
-    if len(classes) < 2:
-        raise DatasetNotFoundError(f"imagefolder not found at {root} (it needs at least 2 class folders): {where}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-
-    channels = int(options.get("channels", 3))
-    if channels not in (1, 3):
-        raise ValueError(f"imagefolder option channels must be 1 or 3, got {options['channels']!r}")
-    image_size = None if options.get("image_size") is None else _size2(options["image_size"])
-
-    dev_files = _image_files(dev_dir, class_to_idx, IMG_EXTENSIONS)
-    if split_dirs:
-        test_files = _image_files(root / "test", class_to_idx, IMG_EXTENSIONS)
-    else:
+    root, dev_files, test_files, classes, channels, image_size = _imagefolder_files(path, options)
+    if test_files is None:
         fraction = float(options.get("test_fraction", IMAGEFOLDER_TEST_FRACTION))
         if not 0 < fraction < 1:
             raise ValueError(f"imagefolder option test_fraction must be between 0 and 1 (exclusive), got {fraction!r}")
@@ -481,7 +526,7 @@ def _load_imagefolder(path: str | None, options: Mapping[str, Any], seed: int, v
         dev_pos, test_pos = _seeded_split(labels, fraction, random_state=IMAGEFOLDER_TEST_RANDOM_STATE)
         dev_files, test_files = [dev_files[i] for i in dev_pos], [dev_files[i] for i in test_pos]
     if not dev_files or not test_files:
-        raise DatasetNotFoundError(f"imagefolder at {root} has no images in its train or test split: {where}")
+        raise DatasetNotFoundError(f"imagefolder at {root} has no images in its train or test split: {_IMAGEFOLDER_WHERE}")
 
     size = image_size or _common_size(root, [f for f, _ in dev_files + test_files])
     dev_images, dev_labels = _decode_images(dev_files, size, channels)
@@ -500,6 +545,41 @@ def _load_imagefolder(path: str | None, options: Mapping[str, Any], seed: int, v
         num_classes=len(classes),
         input_shape=(channels, size[0], size[1]),
     )
+
+
+_IMAGEFOLDER_WHERE = (
+    "put one folder of images per class there (or train/ and test/ folders, each with one folder per class)"
+)
+
+
+def _imagefolder_files(
+    path: str | None, options: Mapping[str, Any]
+) -> tuple[Path, list[tuple[str, int]], list[tuple[str, int]] | None, list[str], int, tuple[int, int] | None]:
+    """(root, dev files, test files -- None without train/ and test/ folders --, class
+    names, channels, image_size option) of an imagefolder, options checked; no image is
+    opened."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    _reject_unknown_options(
+        "imagefolder", options, ("root", "image_size", "channels", "mean", "std", "test_fraction")
+    )
+    root = _dataset_root("imagefolder", path, options, _IMAGEFOLDER_WHERE)
+    split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
+    dev_dir = root / "train" if split_dirs else root
+    classes = sorted(d.name for d in dev_dir.iterdir() if d.is_dir()) if dev_dir.is_dir() else []
+    if len(classes) < 2:
+        raise DatasetNotFoundError(
+            f"imagefolder not found at {root} (it needs at least 2 class folders): {_IMAGEFOLDER_WHERE}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    channels = int(options.get("channels", 3))
+    if channels not in (1, 3):
+        raise ValueError(f"imagefolder option channels must be 1 or 3, got {options['channels']!r}")
+    image_size = None if options.get("image_size") is None else _size2(options["image_size"])
+
+    dev_files = _image_files(dev_dir, class_to_idx, IMG_EXTENSIONS)
+    test_files = _image_files(root / "test", class_to_idx, IMG_EXTENSIONS) if split_dirs else None
+    return root, dev_files, test_files, classes, channels, image_size
 
 
 def _image_files(

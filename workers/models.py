@@ -1,90 +1,53 @@
-"""timm model building and safe, content-addressed model artifacts.
+"""Building timm models, counting them, and the one rule for the input shape they are fed.
 
-An artifact is the directory ``<root>/<key>/`` (layout names in :mod:`workers.artifacts`):
+- :func:`build_model` builds a spec's model (kwargs, ``model.input_size``, a local
+  checkpoint read without unpickling code, or timm's pretrained weights);
+- :func:`model_input_shape` is the only place that decides one sample's (C, H, W):
+  what the data is converted to, what MACs are counted on, what an artifact records;
+- :func:`count_params`, :func:`count_macs`, :func:`weights_size_bytes` describe a model;
+- :func:`probe_model` is the spec-time check: the model built on the meta device (no
+  memory, no weights) with a meta input of its input shape pushed through it, so kwargs
+  timm rejects and input sizes the architecture cannot take are caught before a sweep
+  starts.
 
-- ``weights.safetensors`` -- ``model.state_dict()``. For an optimum-quanto model this
-  holds the flattened quantized tensors (``<module>.weight._data``, ``._scale``,
-  ``._shift``, ``input_scale``, ``output_scale``), all plain tensors.
-- ``structure.json`` -- everything needed to rebuild the module tree without pickle:
-  the base timm architecture (arch, kwargs, num_classes), the shape and dtype of every
-  parameter and buffer, the plain-valued attributes of every module (``in_features``,
-  ``out_channels``, ``groups``, ``normalized_shape``, ``num_heads``, ``head_dim``, ...),
-  and for a quantized model its quanto quantization map plus the modules whose output
-  quantization calibration switched off.
-- ``manifest.json`` -- written last: key, sha256 and on-disk size of the weights,
-  ``materialized``, params, MACs, the compression chain, input shape, class count,
-  creation time and library versions.
-
-Loading never unpickles: it reads JSON and safetensors only, and refuses weights whose
-sha256 differs from the manifest's. A pruned model is rebuilt generically: build the base
-timm model, give every tensor its recorded shape, restore every recorded module
-attribute that differs, then ``load_state_dict(strict=True)``. A quantized model is
-rebuilt as its float structure, then ``optimum.quanto.requantize`` swaps in the
-quantized modules and weights.
-
-Saving is atomic: files are written into a temporary directory inside the root and
-renamed into place, so a reader sees either no artifact or a complete one. Two processes
-building the same key race harmlessly: the loser discards its copy and returns the
-winner's.
+Saving and loading artifacts is :mod:`workers.modelio`.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import logging
-import os
 import pickle
-import shutil
 import sys
-import tempfile
-import uuid
 import zipfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import safetensors.torch
 import timm
 import torch
 from torch import nn
 
-from workers.artifacts import (
-    MANIFEST_FILE,
-    STRUCTURE_FILE,
-    WEIGHTS_FILE,
-    artifact_dir,
-    read_manifest,
-    verified_manifest,
-)
-from workers.types import ArtifactInfo, ModelRef, StageTask
+from workers.types import ModelRef
 
 __all__ = [
     "ArtifactLoadError",
-    "ParentModel",
+    "ModelCheckError",
+    "ModelFacts",
     "PretrainedWeightsUnavailableError",
-    "artifact_info",
     "build_model",
+    "check_checkpoint",
     "count_macs",
     "count_params",
-    "input_shape_for",
+    "first_line",
     "is_quantized",
-    "load_artifact",
-    "load_parent",
-    "save_artifact",
+    "load_state_checked",
+    "model_input_shape",
+    "plain_state_dict",
+    "probe_model",
+    "timm_kwargs",
     "weights_size_bytes",
 ]
 
-log = logging.getLogger(__name__)
-
-# Version of the structure.json / manifest.json layout this module writes and reads.
-ARTIFACT_FORMAT = 1
-# Module attributes that are a choice of the loading machine, not part of the structure:
-# restoring the saver's value would override the loader's environment (TIMM_FUSED_ATTN).
-_ENVIRONMENT_ATTRS = frozenset({"training", "fused_attn"})
-_PLAIN_TYPES = (bool, int, float, str, type(None))
 # Keys under which training scripts commonly nest a state dict inside a checkpoint.
 _CHECKPOINT_NESTING_KEYS = ("state_dict", "model")
 
@@ -107,14 +70,15 @@ def build_model(ref: ModelRef, num_classes: int) -> nn.Module:
     weights-only ``torch.save`` file holding a state dict, possibly nested under
     ``"state_dict"`` or ``"model"``); ``ref.pretrained`` is then ignored, since the
     checkpoint would overwrite the downloaded weights anyway. A ``num_classes`` entry in
-    ``ref.kwargs`` must agree with the argument.
+    ``ref.kwargs`` must agree with the argument. ``ref.input_size`` adds ``in_chans`` /
+    ``img_size`` as :func:`timm_kwargs` says.
 
     Raises ``ValueError`` for an unknown architecture or kwargs timm rejects,
     :class:`PretrainedWeightsUnavailableError` when pretrained weights cannot be fetched,
     and :class:`ArtifactLoadError` for a checkpoint that is unreadable, would execute
     code (not weights-only), or does not fit the architecture.
     """
-    kwargs = dict(ref.kwargs)
+    kwargs = timm_kwargs(ref)
     kw_classes = kwargs.pop("num_classes", num_classes)
     if int(kw_classes) != int(num_classes):
         raise ValueError(f"model kwargs say num_classes={kw_classes} but {num_classes} classes were asked for")
@@ -134,28 +98,151 @@ def build_model(ref: ModelRef, num_classes: int) -> nn.Module:
         ) from e
     if ref.checkpoint:
         state = _read_checkpoint(ref.checkpoint)
-        _load_state_checked(model, state, source=f"checkpoint {ref.checkpoint}")
+        load_state_checked(model, state, source=f"checkpoint {ref.checkpoint}")
     return model
 
 
-def input_shape_for(ref: ModelRef) -> tuple[int, int, int]:
-    """One sample's (C, H, W) for ``ref``: ``in_chans`` / ``img_size`` from its kwargs,
-    else the architecture's default config (timm: 3 x 224 x 224 for most models).
+def _arch_defaults(arch: str) -> tuple[tuple[int, int, int], bool]:
+    """The architecture's default (C, H, W) (timm's pretrained config; 3 x 224 x 224 when
+    it has none) and whether it only takes that size (``fixed_input_size``: ViT, DeiT,
+    Swin, ... -- exactly the architectures whose constructor takes ``img_size``)."""
+    cfg = timm.get_pretrained_cfg(arch, allow_unregistered=True)
+    default = tuple(int(d) for d in cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
+    return (default[0], default[1], default[2]), bool(cfg is not None and cfg.fixed_input_size)
+
+
+def _size2(value: Any) -> tuple[int, int]:
+    """An ``img_size`` kwarg (int or [H, W]) as (H, W)."""
+    if isinstance(value, (int, float)):
+        return int(value), int(value)
+    height, width = (int(v) for v in value)
+    return height, width
+
+
+def timm_kwargs(ref: ModelRef) -> dict[str, Any]:
+    """The kwargs ``timm.create_model`` gets for ``ref`` (``num_classes`` included if given).
+
+    ``ref.kwargs``, plus, when ``ref.input_size`` (C, H, W) is given and the kwargs do not
+    name them: ``in_chans=C`` for every architecture, and ``img_size=(H, W)`` for those
+    that only take a fixed size (a CNN takes any size, and timm refuses ``img_size``
+    for it). Kwargs that disagree with ``input_size`` are refused when the spec is
+    checked, so here the kwargs simply win.
+    """
+    kwargs = dict(ref.kwargs)
+    if ref.input_size is not None:
+        channels, height, width = (int(d) for d in ref.input_size)
+        kwargs.setdefault("in_chans", channels)
+        if _arch_defaults(ref.arch)[1]:
+            kwargs.setdefault("img_size", (height, width))
+    return kwargs
+
+
+def model_input_shape(ref: ModelRef, data_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """One sample's (C, H, W) for ``ref``'s model: the shape the data is converted to.
+
+    The only place this is decided (training, evaluation, artifacts and the spec check
+    all ask here). In order: ``ref.input_size`` when the spec gives ``model.input_size``;
+    else channels from ``in_chans`` (else the architecture's default) and size from
+    ``img_size``; else the architecture's default when it only takes a fixed size
+    (timm's ``fixed_input_size``, e.g. ViTs without ``dynamic_img_size``); else the
+    data's own size when the caller knows it (``data_shape``: a CNN trained here runs
+    at any size, and upsampling would only cost); else (a root stage that sees no
+    dataset: a checkpoint or pretrained model) the architecture's default size.
 
     A built model's ``pretrained_cfg["input_size"]`` is not used: timm keeps the default
     there even when the model was built for another size.
     """
-    cfg = timm.get_pretrained_cfg(ref.arch, allow_unregistered=True)
-    default = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
+    if ref.input_size is not None:
+        channels, height, width = (int(d) for d in ref.input_size)
+        return channels, height, width
+    default, fixed = _arch_defaults(ref.arch)
+    fixed = fixed and not ref.kwargs.get("dynamic_img_size", False)
     channels = int(ref.kwargs.get("in_chans", default[0]))
-    size = ref.kwargs.get("img_size")
-    if size is None:
+    if ref.kwargs.get("img_size") is not None:
+        height, width = _size2(ref.kwargs["img_size"])
+    elif fixed or data_shape is None:
         height, width = default[1], default[2]
-    elif isinstance(size, (int, float)):
-        height = width = int(size)
     else:
-        height, width = (int(s) for s in size)
-    return (channels, height, width)
+        height, width = int(data_shape[1]), int(data_shape[2])
+    return channels, height, width
+
+
+class ModelCheckError(ValueError):
+    """The spec's model cannot be built or fed; ``field`` is the spec field to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the spec check learnt from the probe build."""
+
+    input_shape: tuple[int, int, int] | None  # None: not known (data not readable here)
+    attention_heads: tuple[int, ...]  # num_heads of every attention module, in module order
+
+
+def probe_model(ref: ModelRef, num_classes: int, input_shape: Sequence[int] | None) -> ModelFacts:
+    """Build ``ref``'s model on the meta device and push one meta sample of
+    ``input_shape`` through it in eval mode: no memory, no weights, no download.
+
+    Catches what would otherwise fail on a worker after the sweep started: kwargs timm
+    rejects (an unknown one, ``img_size`` for a CNN) and an input size the architecture
+    cannot take (convnext_atto on 8x8 digits). An op without a meta kernel is no user
+    error: then the check is repeated on a CPU build, and only its failure counts.
+    Raises :class:`ModelCheckError` naming the spec field and the fix.
+    """
+    kwargs = {k: v for k, v in timm_kwargs(ref).items() if k != "num_classes"}
+    default, fixed = _arch_defaults(ref.arch)
+
+    def build(device: str) -> nn.Module:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            return timm.create_model(ref.arch, pretrained=False, num_classes=num_classes, **kwargs).eval()
+
+    try:
+        try:
+            model = build("meta")
+        except TypeError:
+            raise
+        except Exception:  # noqa: BLE001 - an init that needs real tensors: try the real build
+            model = build("cpu")
+    except Exception as e:  # noqa: BLE001 - timm raises TypeError, ValueError, AssertionError, ...
+        hint = "remove or fix the kwargs it does not take"
+        if "img_size" in kwargs and not fixed:
+            hint = (f"{ref.arch} takes any input size, so it has no img_size -- remove img_size and give "
+                    "model.input_size: [C, H, W] to set the size the images are converted to")
+        raise ModelCheckError("model.kwargs", f"timm cannot build {ref.arch!r} with kwargs {kwargs}: "
+                                              f"{first_line(e)} -- {hint}") from None
+    heads = tuple(int(m.num_heads) for m in model.modules()
+                  if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int))
+    if input_shape is None:
+        return ModelFacts(None, heads)
+    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
+    try:
+        _forward_once(model, shape)
+    except Exception:  # noqa: BLE001 - confirm on real tensors: meta kernels are not complete
+        try:
+            _forward_once(build("cpu") if _on_meta(model) else model, shape)
+        except Exception as e:  # noqa: BLE001 - any failure here is what the worker would hit
+            raise ModelCheckError(
+                "model.input_size",
+                f"{ref.arch} cannot take inputs of shape {list(shape)} (C, H, W): {first_line(e)} -- give "
+                f"model.input_size: [C, H, W] the architecture takes (its default is {list(default)}), the "
+                "size the images are converted to",
+            ) from None
+    return ModelFacts(shape, heads)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "meta"
+
+
+def _forward_once(model: nn.Module, shape: tuple[int, int, int]) -> None:
+    device = "meta" if _on_meta(model) else "cpu"
+    with torch.no_grad():
+        model(torch.zeros((1, *shape), device=device))
 
 
 def count_params(model: nn.Module) -> int:
@@ -197,7 +284,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 def weights_size_bytes(model: nn.Module) -> int:
     """Bytes ``model``'s weights would take on disk as an artifact (its safetensors file)."""
-    return len(safetensors.torch.save(_plain_state_dict(model), metadata={"format": "pt"}))
+    return len(safetensors.torch.save(plain_state_dict(model), metadata={"format": "pt"}))
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -207,326 +294,6 @@ def is_quantized(model: nn.Module) -> bool:
     from optimum.quanto import QModuleMixin
 
     return any(isinstance(m, QModuleMixin) for m in model.modules())
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-def save_artifact(
-    model: nn.Module,
-    *,
-    root: str,
-    key: str,
-    model_ref: ModelRef,
-    num_classes: int,
-    input_shape: tuple[int, ...],
-    materialized: bool,
-    compression: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-) -> ArtifactInfo:
-    """Save ``model`` as artifact ``key`` under ``root`` and describe it.
-
-    ``model_ref`` names the base timm architecture the model was derived from (its
-    ``arch`` and ``kwargs``; a checkpoint is not needed to rebuild). ``input_shape`` is
-    one sample's (C, H, W). ``compression`` is the chain that made the model
-    (``{"chain": [...]}``), ``extra`` any further JSON-able facts for the manifest (kept
-    under ``"extra"``).
-
-    ``params`` is :func:`count_params` of ``model``; ``macs`` is :func:`count_macs` of
-    ``model``, or for a quantized model of its float structure rebuilt from the
-    structure record (which also proves the record rebuilds). If a valid artifact
-    ``key`` already exists -- another process built it first -- nothing is written and
-    the existing one is described.
-    """
-    _check_key(key)
-    existing = artifact_info(root, key)
-    if existing is not None:
-        return existing
-    os.makedirs(root, exist_ok=True)
-
-    structure = _record_structure(model, model_ref, num_classes)
-    weights = safetensors.torch.save(_plain_state_dict(model), metadata={"format": "pt"})
-    float_model = _build_skeleton(structure) if structure["quantization"] is not None else model
-    manifest = {
-        "format": ARTIFACT_FORMAT,
-        "key": key,
-        "sha256": hashlib.sha256(weights).hexdigest(),
-        "size_bytes": len(weights),
-        "materialized": bool(materialized),
-        "params": count_params(model),
-        "macs": count_macs(float_model, tuple(input_shape)),
-        "compression": dict(compression),
-        "input_shape": [int(d) for d in input_shape],
-        "num_classes": int(num_classes),
-        "quantized": structure["quantization"] is not None,
-        "model": {"arch": model_ref.arch, "kwargs": dict(model_ref.kwargs), "checkpoint": model_ref.checkpoint},
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _library_versions(),
-        "extra": dict(extra or {}),
-    }
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
-    try:
-        _write_durably(tmp / WEIGHTS_FILE, weights)
-        _write_durably(tmp / STRUCTURE_FILE, _to_json(structure))
-        _write_durably(tmp / MANIFEST_FILE, _to_json(manifest))  # last: its presence marks completeness
-        winner = _move_into_place(tmp, root, key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless we lost a race or failed
-    return winner if winner is not None else _info(root, key, manifest)
-
-
-def load_artifact(root: str, key: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild artifact ``key`` on ``device`` in eval mode; returns ``(model, manifest)``.
-
-    Raises :class:`ArtifactLoadError` when the artifact is absent or incomplete, when its
-    weights fail their sha256 check, or when its structure no longer rebuilds (e.g. a
-    timm version that changed the architecture's module tree).
-    """
-    _check_key(key)
-    directory = artifact_dir(root, key)
-    manifest = read_manifest(root, key)
-    if manifest is None:
-        raise ArtifactLoadError(f"artifact {key} not found or incomplete under {root}; re-run the stage that builds it")
-    data = (directory / WEIGHTS_FILE).read_bytes()  # read once: what is hashed is what is loaded
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != manifest.get("sha256"):
-        raise ArtifactLoadError(
-            f"artifact {key} failed its checksum (weights sha256 {actual[:12]}..., manifest says "
-            f"{str(manifest.get('sha256'))[:12]}...); delete {directory} and re-run"
-        )
-    try:
-        structure = json.loads((directory / STRUCTURE_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactLoadError(
-            f"artifact {key} has an unreadable {STRUCTURE_FILE} ({e}); delete {directory} and re-run"
-        ) from e
-    if int(structure.get("format", 0)) > ARTIFACT_FORMAT:
-        raise ArtifactLoadError(
-            f"artifact {key} was written by a newer greensweep (format {structure['format']}); upgrade to load it"
-        )
-    state = safetensors.torch.load(data)
-    model = _rebuild(structure, state, device, what=f"artifact {key}")
-    return model, manifest
-
-
-def artifact_info(root: str, key: str) -> ArtifactInfo | None:
-    """Describe artifact ``key``; None when it is absent, incomplete or fails its checksum."""
-    _check_key(key)
-    manifest = verified_manifest(root, key)
-    return None if manifest is None else _info(root, key, manifest)
-
-
-@dataclass(frozen=True)
-class ParentModel:
-    """The model a compression stage starts from, and what the stage must carry forward."""
-
-    model: nn.Module  # on the CPU, eval mode
-    input_shape: tuple[int, ...]  # one sample's (C, H, W)
-    num_classes: int
-    chain: tuple[Mapping[str, Any], ...]  # compression steps so far, root first
-    size_bytes: int  # on-disk bytes of the weights
-    materialized: bool = True  # the parent manifest's flag; a freshly built root model is uncompressed
-
-
-def save_child(
-    model: nn.Module,
-    task: StageTask,
-    parent: ParentModel,
-    params: Mapping[str, Any],
-    *,
-    materialized: bool,
-    extra: dict[str, Any] | None = None,
-) -> ArtifactInfo:
-    """Save the model a compression stage made from *parent* as artifact ``task.key``,
-    its compression chain extended by this stage (``{"kind": task.kind, **params}``)."""
-    return save_artifact(
-        model,
-        root=task.artifact_root,
-        key=task.key,
-        model_ref=task.model,
-        num_classes=parent.num_classes,
-        input_shape=parent.input_shape,
-        materialized=materialized,
-        compression={"chain": [*parent.chain, {"kind": task.kind, **params}]},
-        extra=extra,
-    )
-
-
-def load_parent(task: StageTask) -> ParentModel:
-    """The parent artifact ``task.parent_key``, or for a root stage ``task.model`` built afresh.
-
-    A root stage sees no dataset, so ``task.model.kwargs`` must then name
-    ``num_classes``; its input shape comes from :func:`input_shape_for`. A quantized
-    parent is refused: its layers are quanto modules, which neither pruning nor a second
-    quantization can take.
-    """
-    if task.parent_key is None:
-        ref = task.model
-        if "num_classes" not in ref.kwargs:
-            raise ValueError(
-                f"{task.kind} is the first stage of this pipeline, so the model must say its class count: "
-                "add num_classes to the model kwargs"
-            )
-        model = build_model(ref, int(ref.kwargs["num_classes"])).eval()
-        return ParentModel(model, input_shape_for(ref), int(ref.kwargs["num_classes"]), (), weights_size_bytes(model))
-    model, manifest = load_artifact(task.artifact_root, task.parent_key, device="cpu")
-    if is_quantized(model):
-        raise ValueError(
-            f"{task.kind} cannot take a quantized model (parent {task.parent_key}); put quantize last in the pipeline"
-        )
-    return ParentModel(
-        model=model,
-        input_shape=tuple(int(d) for d in manifest["input_shape"]),
-        num_classes=int(manifest["num_classes"]),
-        chain=tuple(manifest.get("compression", {}).get("chain", [])),
-        size_bytes=int(manifest["size_bytes"]),
-        materialized=bool(manifest["materialized"]),
-    )
-
-
-# --------------------------------------------------------------------------- structure
-
-
-def _record_structure(model: nn.Module, ref: ModelRef, num_classes: int) -> dict[str, Any]:
-    """What :func:`_rebuild` needs besides the weights, as JSON-able values."""
-    tensors: dict[str, dict[str, Any]] = {}
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            tensors[name] = {"kind": kind, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-    modules: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        attrs = {
-            attr: value
-            for attr, value in vars(module).items()
-            if not attr.startswith("_") and attr not in _ENVIRONMENT_ATTRS and _is_plain(value)
-        }
-        if attrs:
-            modules[name] = attrs
-    kwargs = {k: v for k, v in ref.kwargs.items() if k != "num_classes"}
-    return {
-        "format": ARTIFACT_FORMAT,
-        "arch": ref.arch,
-        "kwargs": kwargs,
-        "num_classes": int(num_classes),
-        "tensors": tensors,
-        "modules": modules,
-        "quantization": _record_quantization(model) if is_quantized(model) else None,
-    }
-
-
-def _record_quantization(model: nn.Module) -> dict[str, Any]:
-    """The quanto quantization map, plus the modules whose output quantization is off.
-
-    Calibration's ``streamline`` removes the output-quantization hook of modules whose
-    outputs only feed functions that cannot take quantized tensors. ``requantize``
-    re-creates every hook, so that state must be recorded and re-applied, or the reloaded
-    model would quantize outputs the saved one did not.
-    """
-    from optimum.quanto import QModuleMixin, quantization_map
-
-    disabled = []
-    for name, module in model.named_modules():
-        if isinstance(module, QModuleMixin) and "output" in module._quantize_hooks:
-            if module._quantize_hooks["output"].id not in module._forward_hooks:
-                disabled.append(name)
-    return {"map": quantization_map(model), "output_quantization_disabled": disabled}
-
-
-def _build_base(structure: Mapping[str, Any]) -> nn.Module:
-    """The unpruned, unquantized timm model the structure was derived from.
-
-    Built under a forked RNG: random initialisation must not move the caller's global
-    torch RNG (loading an artifact would otherwise change a later seeded run).
-    """
-    with torch.random.fork_rng(devices=[]):
-        return timm.create_model(
-            structure["arch"], pretrained=False, num_classes=structure["num_classes"], **structure["kwargs"]
-        )
-
-
-def _build_skeleton(structure: Mapping[str, Any]) -> nn.Module:
-    """The float model with the recorded shapes and attributes (weights uninitialised)."""
-    model = _build_base(structure)
-    _apply_structure(model, structure, quantized=structure["quantization"] is not None)
-    return model
-
-
-def _apply_structure(model: nn.Module, structure: Mapping[str, Any], *, quantized: bool) -> None:
-    """Reshape ``model``'s tensors and reset its module attributes to the recorded ones.
-
-    Only tensors whose shape differs are replaced (by empty ones the state dict will
-    fill), so non-persistent buffers -- which the state dict does not carry -- keep the
-    values the constructor computed; one whose shape changed cannot be restored and is an
-    error. Tensors the float model lacks are allowed only in a quantized record: they are
-    quanto's ``input_scale`` / ``output_scale`` buffers, which ``requantize`` creates.
-    Recorded attributes the float module lacks belong to quanto's wrapper modules.
-    """
-    for name, spec in structure["tensors"].items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = _submodule(model, owner_name, structure)
-        shape = tuple(spec["shape"])
-        if attr in owner._parameters:
-            current = owner._parameters[attr]
-            if current is None or tuple(current.shape) != shape:
-                requires_grad = current.requires_grad if current is not None else True
-                owner._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=_dtype(spec["dtype"])), requires_grad)
-        elif attr in owner._buffers:
-            current = owner._buffers[attr]
-            if current is None or tuple(current.shape) != shape:
-                if attr in owner._non_persistent_buffers_set:
-                    raise ArtifactLoadError(
-                        f"non-persistent buffer {name} changed shape to {list(shape)}; its values are not saved, "
-                        "so this model cannot be rebuilt"
-                    )
-                owner._buffers[attr] = torch.empty(shape, dtype=_dtype(spec["dtype"]))
-        elif not quantized:
-            raise ArtifactLoadError(
-                f"{structure['arch']} has no tensor {name}; the artifact was made with another timm version "
-                f"(this is {timm.__version__}); re-run the stage that built it"
-            )
-    for module_name, attrs in structure["modules"].items():
-        module = _submodule(model, module_name, structure)
-        present = vars(module)
-        for attr, value in attrs.items():
-            if attr in present:
-                value = _like(value, present[attr])
-                if present[attr] != value:
-                    setattr(module, attr, value)
-
-
-def _rebuild(structure: Mapping[str, Any], state: dict[str, torch.Tensor], device: str, *, what: str) -> nn.Module:
-    """The saved model from its structure record and state dict, on ``device``, eval mode."""
-    model = _build_skeleton(structure)
-    quantization = structure["quantization"]
-    if quantization is None:
-        _load_state_checked(model, state, source=what)
-        return model.to(device).eval()
-
-    from optimum.quanto import requantize
-
-    # requantize loads with strict=False; check the keys ourselves.
-    requantize(model, state, quantization["map"], torch.device(device))
-    expected, saved = set(model.state_dict()), set(state)
-    if expected != saved:
-        raise ArtifactLoadError(
-            f"{what}: quantized weights do not fit the rebuilt model "
-            f"({len(expected - saved)} missing, e.g. {sorted(expected - saved)[:2]}; "
-            f"{len(saved - expected)} unexpected, e.g. {sorted(saved - expected)[:2]})"
-        )
-    for name in quantization["output_quantization_disabled"]:
-        model.get_submodule(name).disable_output_quantization()
-    return model.eval()
-
-
-def _submodule(model: nn.Module, name: str, structure: Mapping[str, Any]) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ArtifactLoadError(
-            f"{structure['arch']} has no module {name!r}; the artifact was made with another timm version "
-            f"(this is {timm.__version__}); re-run the stage that built it"
-        ) from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -577,7 +344,7 @@ def _read_checkpoint(path: str, *, mmap: bool = False) -> dict[str, torch.Tensor
     )
 
 
-def _load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error that counts what does not fit."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -592,7 +359,7 @@ def _load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, 
     model.load_state_dict(state, strict=True)
 
 
-def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` as contiguous CPU tensors that share no storage (safetensors refuses shared memory)."""
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
@@ -605,93 +372,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[name] = t
     return out
 
-
-def _move_into_place(tmp: Path, root: str, key: str) -> ArtifactInfo | None:
-    """Rename the finished ``tmp`` to ``<root>/<key>``; returns the existing artifact when a
-    valid one got there first, None when ours is now in place.
-
-    A final directory that exists but is not a valid artifact (tampered, or damaged on
-    disk) is moved aside and replaced: artifacts are content-addressed, so ours is a
-    valid build of the same key.
-    """
-    final = artifact_dir(root, key)
-    for _ in range(3):
-        try:
-            os.rename(tmp, final)
-            return None
-        except OSError:
-            if not final.exists():
-                raise
-        existing = artifact_info(root, key)
-        if existing is not None:
-            return existing
-        log.warning("artifact %s at %s is invalid; replacing it", key, final)
-        aside = Path(root) / f".{key}.invalid-{uuid.uuid4().hex}"
-        try:
-            os.rename(final, aside)
-        except FileNotFoundError:  # another process moved it first
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-    raise ArtifactLoadError(f"could not move artifact {key} into place at {final}; check for another writer")
-
-
-def _info(root: str, key: str, manifest: Mapping[str, Any]) -> ArtifactInfo:
-    return ArtifactInfo(
-        key=key,
-        path=str(artifact_dir(root, key)),
-        size_bytes=int(manifest["size_bytes"]),
-        sha256=str(manifest["sha256"]),
-        materialized=bool(manifest["materialized"]),
-        params=int(manifest["params"]),
-        macs=int(manifest["macs"]),
-        compression=manifest.get("compression", {}),
-    )
-
-
-def _check_key(key: str) -> None:
-    if not key or key.startswith(".") or "/" in key or "\\" in key or os.sep in key:
-        raise ValueError(f"artifact key {key!r} must be a plain directory name (no path separators, no leading dot)")
-
-
-def _write_durably(path: Path, data: bytes | str) -> None:
-    with open(path, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, _PLAIN_TYPES)
-
-
-def _like(value: Any, current: Any) -> Any:
-    """A JSON-decoded ``value`` in the container type of ``current`` (JSON turns tuples into lists)."""
-    if isinstance(value, list) and isinstance(current, tuple):
-        return tuple(_like(v, current[i] if i < len(current) else ()) for i, v in enumerate(value))
-    return value
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ArtifactLoadError(f"unknown tensor dtype {name!r} in a structure record")
-    return dtype
-
-
-def _library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for dist in ("torch", "timm", "optimum-quanto", "torch-pruning", "safetensors"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
 
 
 def first_line(exc: BaseException) -> str:

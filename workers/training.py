@@ -25,7 +25,7 @@ not:
   again after a kill resumes after its last completed epoch and, on the same device and
   thread count, ends with the same weights as a run that was never interrupted.
   The stage deletes the checkpoints once its artifact is saved
-  (:func:`discard_checkpoints`).
+  (:func:`workers.checkpoints.discard_checkpoints`; the layout is documented there).
 - **Gradient accumulation**: ``accumulate_steps`` micro-batches of ``batch_size`` form
   one optimizer step; each micro-batch's mean loss is weighted by its share of the
   step's samples, so the gradient equals that of one batch of all of them (a short last
@@ -52,38 +52,32 @@ checkpointing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.checkpoints import CheckpointStore, Progress, checkpoint_dir, cpu_copy, discard_checkpoints, fingerprint
 from workers.data import Splits, adapt_images, load_dataset
 from workers.meters import make_meter
+from workers.models import model_input_shape  # re-exported: the one rule for the input shape
+from workers.stages.noop import hold_for_test
 from workers.stages.registry import LoopParams
-from workers.types import ArtifactInfo, EnergyReading, ModelRef, StageOutput, StageTask, WorkerEnv
+from workers.types import ArtifactInfo, EnergyReading, StageOutput, StageTask, WorkerEnv
 
 if TYPE_CHECKING:
-    from workers.models import ParentModel
+    from workers.modelio import ParentModel
 
 __all__ = [
-    "CHECKPOINTS_DIR",
     "CrossEntropy",
     "FitResult",
     "Objective",
     "Student",
     "check_model_takes",
-    "checkpoint_dir",
-    "discard_checkpoints",
     "fit",
     "flip_crop",
     "keep_zero_masks",
@@ -98,15 +92,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = ".checkpoints"
-# Version of the checkpoint layout; a checkpoint of another version is discarded, not read.
-CHECKPOINT_FORMAT = 1
-_MODEL_FILE = "model.safetensors"
-_BEST_FILE = "best.safetensors"
-_OPTIMIZER_FILE = "optimizer.safetensors"
-_RNG_FILE = "rng.safetensors"
-_STATE_FILE = "state.json"
-_EPOCH_PREFIX = "epoch-"
 # Layers whose weights unstructured pruning zeroes (as workers.stages.prune).
 _MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # When epochs with different meters are summed, a domain's source is the least precise one.
@@ -153,30 +138,6 @@ def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, warmup_epochs: int =
     return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs))) / 2
 
 
-def model_input_shape(ref: ModelRef, data_shape: Sequence[int]) -> tuple[int, int, int]:
-    """The (C, H, W) to feed ``ref``'s model when the data is ``data_shape``.
-
-    Channels: ``in_chans`` from the kwargs, else the architecture's default. Size:
-    ``img_size`` from the kwargs; else the architecture's default when it only takes a
-    fixed size (timm's ``fixed_input_size``, e.g. ViTs without ``dynamic_img_size``);
-    else the data's own size (a CNN runs at any size, and upsampling would only cost).
-    """
-    import timm
-
-    cfg = timm.get_pretrained_cfg(ref.arch, allow_unregistered=True)
-    default = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
-    fixed = bool(cfg is not None and cfg.fixed_input_size) and not ref.kwargs.get("dynamic_img_size", False)
-    channels = int(ref.kwargs.get("in_chans", default[0]))
-    size = ref.kwargs.get("img_size")
-    if size is not None:
-        height, width = (int(size), int(size)) if isinstance(size, (int, float)) else (int(s) for s in size)
-    elif fixed:
-        height, width = int(default[1]), int(default[2])
-    else:
-        height, width = int(data_shape[1]), int(data_shape[2])
-    return channels, height, width
-
-
 def check_model_takes(model: nn.Module, input_shape: Sequence[int], *, what: str) -> None:
     """Fail before any training, with a one-line fix, when ``model`` cannot run on
     ``input_shape`` inputs (one zero sample is pushed through on the model's device)."""
@@ -198,11 +159,14 @@ def check_model_takes(model: nn.Module, input_shape: Sequence[int], *, what: str
 
 
 def keep_zero_masks(model: nn.Module, chain: Sequence[Mapping[str, Any]]) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """For a model whose compression chain has an unstructured prune: each masked weight
+    """For a model whose compression chain has a stage whose zeros are its compression
+    (its kind declares ``keeps_zeros``, e.g. an unstructured prune): each masked weight
     with its keep-mask (True where the weight is non-zero), so retraining can keep the
     pruned weights at zero. Retraining without them would silently re-densify a model
     whose artifact still claims its sparsity. Empty when nothing was pruned that way."""
-    if not any(step.get("kind") == "prune" and step.get("method") == "unstructured" for step in chain):
+    from workers.stages.registry import STAGE_KINDS
+
+    if not any(kind.keeps_zeros(step) for step in chain if (kind := STAGE_KINDS.get(step.get("kind", ""))) is not None):
         return []
     masks = []
     for module in model.modules():
@@ -321,18 +285,6 @@ class FitResult:
         }
 
 
-@dataclass
-class _Progress:
-    """The loop's state after ``epoch`` completed epochs (0: none)."""
-
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_top1: float = -1.0
-    best_state: dict[str, torch.Tensor] | None = None
-    energy: list[EnergyReading] = field(default_factory=list)
-
-
 def fit(
     model: nn.Module,
     splits: Splits,
@@ -358,11 +310,11 @@ def fit(
     keep_masks = [(param, keep.to(device)) for param, keep in keep_masks]
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     generator = torch.Generator()
-    store = _CheckpointStore(checkpoint_dir(task), _fingerprint(task))
+    store = CheckpointStore(checkpoint_dir(task), fingerprint(task))
     progress = store.load(model, optimizer, generator)
     resumed_from = progress.epoch if progress is not None else 0
     if progress is None:
-        progress = _Progress()
+        progress = Progress()
         torch.manual_seed(task.seed)  # every device's generator
         generator.manual_seed(task.seed)
 
@@ -387,7 +339,7 @@ def fit(
 
         if val_top1 > progress.best_val_top1:
             progress.best_val_top1, progress.best_epoch = val_top1, epoch
-            progress.best_state = _cpu_copy(model.state_dict())
+            progress.best_state = cpu_copy(model.state_dict())
         progress.epoch = epoch
         progress.energy.append(reading)
         progress.history.append(
@@ -412,6 +364,7 @@ def fit(
                     "best_val_top1": progress.best_val_top1,
                 }
             )
+        hold_for_test(task.kind)  # tests only: waits while $GREENSWEEP_TEST_HOLD_DIR/<kind> exists
 
     assert progress.best_state is not None  # at least one epoch ran: params.epochs >= 1
     return FitResult(
@@ -469,212 +422,6 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent, contiguous CPU copies (safetensors refuses shared storage)."""
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(task: StageTask) -> Path:
-    """Where ``task``'s epoch checkpoints live: ``<artifact_root>/.checkpoints/<key>/``."""
-    return Path(task.artifact_root) / CHECKPOINTS_DIR / task.key
-
-
-def discard_checkpoints(task: StageTask) -> None:
-    """Delete ``task``'s checkpoints; call once its artifact is saved."""
-    shutil.rmtree(checkpoint_dir(task), ignore_errors=True)
-
-
-def _fingerprint(task: StageTask) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the same stage, the same layout."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "key": task.key,
-        "kind": task.kind,
-        "parent_key": task.parent_key,
-        "seed": task.seed,
-        "params": json.loads(json.dumps(dict(task.params), sort_keys=True, default=str)),
-    }
-
-
-class _CheckpointStore:
-    """One stage's epoch checkpoints: ``epoch-NNNNN/`` directories holding
-
-    - ``model.safetensors`` -- the weights after the epoch;
-    - ``best.safetensors`` -- the best epoch's weights (hard-linked from the previous
-      checkpoint while the best does not change);
-    - ``optimizer.safetensors`` -- every tensor of the optimizer state, flattened as
-      ``state.<param index>.<name>``; the rest of the state (non-tensor values, the
-      param groups) is in ``state.json``'s ``optimizer`` index;
-    - ``rng.safetensors`` -- torch's CPU RNG, each CUDA device's, and the loop's
-      shuffle/augmentation generator;
-    - ``state.json`` -- the fingerprint, completed epochs, history, best epoch and
-      accuracy, per-epoch energy readings, the optimizer index.
-
-    A directory is written under a temporary name and renamed into place, so the newest
-    ``epoch-*`` directory is always complete; older ones are removed after the rename.
-    """
-
-    def __init__(self, directory: Path, fingerprint: Mapping[str, Any]) -> None:
-        self.directory = directory
-        self.fingerprint = dict(fingerprint)
-        self._last: Path | None = None
-        self._last_best_epoch = 0
-
-    def load(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-    ) -> _Progress | None:
-        """Restore the newest checkpoint into the arguments; None (and no change) when
-        there is none, or when it belongs to another stage or layout (it is discarded)."""
-        latest = self._latest()
-        if latest is None:
-            return None
-        try:
-            state = json.loads((latest / _STATE_FILE).read_text())
-            if state.get("fingerprint") != self.fingerprint:
-                log.warning("checkpoint %s belongs to another run of this key; starting afresh", latest)
-                shutil.rmtree(self.directory, ignore_errors=True)
-                return None
-            weights = safetensors.torch.load_file(latest / _MODEL_FILE)
-            best = safetensors.torch.load_file(latest / _BEST_FILE)
-            optimizer_tensors = safetensors.torch.load_file(latest / _OPTIMIZER_FILE)
-            rng = safetensors.torch.load_file(latest / _RNG_FILE)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # unreadable: safer to start again
-            log.warning("checkpoint %s is unreadable (%s); starting afresh", latest, e)
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return None
-
-        model.load_state_dict(weights, strict=True)
-        optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"], optimizer))
-        torch.set_rng_state(rng["torch_cpu"])
-        cuda_states = [rng[f"cuda.{i}"] for i in range(state["cuda_devices"])]
-        if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
-            torch.cuda.set_rng_state_all(cuda_states)
-        generator.set_state(rng["generator"])
-        self._last, self._last_best_epoch = latest, int(state["best_epoch"])
-        return _Progress(
-            epoch=int(state["epoch"]),
-            history=list(state["history"]),
-            best_epoch=int(state["best_epoch"]),
-            best_val_top1=float(state["best_val_top1"]),
-            best_state=best,
-            energy=[EnergyReading(**reading) for reading in state["energy"]],
-        )
-
-    def save(
-        self, progress: _Progress, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-    ) -> None:
-        """Write the checkpoint of ``progress.epoch`` and drop the older ones."""
-        assert progress.best_state is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"{_EPOCH_PREFIX}{progress.epoch:05d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.directory))
-        try:
-            _write_tensors(tmp / _MODEL_FILE, _cpu_copy(model.state_dict()))
-            if not self._link_previous_best(progress.best_epoch, tmp / _BEST_FILE):
-                _write_tensors(tmp / _BEST_FILE, progress.best_state)
-            optimizer_tensors, optimizer_index = _flatten_optimizer(optimizer.state_dict())
-            _write_tensors(tmp / _OPTIMIZER_FILE, optimizer_tensors)
-            cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-            rng = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-            rng.update({f"cuda.{i}": s for i, s in enumerate(cuda_states)})
-            _write_tensors(tmp / _RNG_FILE, rng)
-            state = {
-                "fingerprint": self.fingerprint,
-                "epoch": progress.epoch,
-                "history": progress.history,
-                "best_epoch": progress.best_epoch,
-                "best_val_top1": progress.best_val_top1,
-                "energy": [reading.to_dict() for reading in progress.energy],
-                "optimizer": optimizer_index,
-                "cuda_devices": len(cuda_states),
-            }
-            _write_durably(tmp / _STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in self.directory.glob(f"{_EPOCH_PREFIX}*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        self._last, self._last_best_epoch = final, progress.best_epoch
-
-    def _latest(self) -> Path | None:
-        epochs = sorted(p for p in self.directory.glob(f"{_EPOCH_PREFIX}*") if p.is_dir())
-        return epochs[-1] if epochs else None
-
-    def _link_previous_best(self, best_epoch: int, target: Path) -> bool:
-        """Hard-link the previous checkpoint's best weights when they are still the best."""
-        if self._last is None or self._last_best_epoch != best_epoch:
-            return False
-        try:
-            os.link(self._last / _BEST_FILE, target)
-        except OSError:  # a file system without hard links: write a copy instead
-            return False
-        return True
-
-
-def _flatten_optimizer(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer state dict as (tensors for safetensors, a JSON-able index)."""
-    tensors: dict[str, torch.Tensor] = {}
-    index: dict[str, Any] = {}
-    for param_id, param_state in state_dict["state"].items():
-        entry: dict[str, Any] = {}
-        for name, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                key = f"state.{param_id}.{name}"
-                tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-                entry[name] = {"tensor": key}
-            else:
-                entry[name] = {"value": value}
-        index[str(param_id)] = entry
-    return tensors, {"state": index, "param_groups": list(state_dict["param_groups"])}
-
-
-def _unflatten_optimizer(
-    tensors: Mapping[str, torch.Tensor], index: Mapping[str, Any], optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """The state dict :func:`_flatten_optimizer` took apart; JSON lists become tuples again
-    where the live optimizer holds tuples (AdamW's ``betas``)."""
-    state = {
-        int(param_id): {
-            name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"] for name, spec in entry.items()
-        }
-        for param_id, entry in index["state"].items()
-    }
-    template = optimizer.state_dict()["param_groups"]
-    groups = [
-        {k: tuple(v) if isinstance(v, list) and isinstance(live.get(k), tuple) else v for k, v in group.items()}
-        for group, live in zip(index["param_groups"], template)
-    ]
-    return {"state": state, "param_groups": groups}
-
-
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    _write_durably(path, safetensors.torch.save(dict(tensors)))
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- retraining a parent
 
 
@@ -694,7 +441,7 @@ def load_student(task: StageTask, params: LoopParams) -> Student:
     recorded input shape). Raises ``ValueError`` when the parent's class count differs
     from the dataset's.
     """
-    from workers.models import load_parent
+    from workers.modelio import load_parent
 
     parent = load_parent(task)
     splits = load_dataset(task.dataset, seed=task.seed, val_fraction=params.val_fraction)
@@ -724,7 +471,7 @@ def retrain_student(
     The energy is that of ``setup_energy`` (work the stage measured before the loop,
     e.g. caching teacher logits) plus every epoch's.
     """
-    from workers.models import save_child
+    from workers.modelio import save_child
 
     model, shape = student.parent.model, student.parent.input_shape
     device = torch.device(env.device)

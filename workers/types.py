@@ -93,6 +93,8 @@ class ModelRef:
     kwargs: Mapping[str, Any]
     checkpoint: str | None = None  # path to a .safetensors or weights-only torch file
     pretrained: bool = False
+    # the spec's model.input_size (C, H, W); None: workers.models.model_input_shape decides
+    input_size: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Reading a sweep back: the results table, the cross-hardware comparison, the Pareto
 frontier, plots and the self-contained HTML report.
 
+- :mod:`~orchestrator.report.aggregate` -- the store's raw point records -> one
+  :class:`~orchestrator.store.records.ResultRow` per point (means, std, per-sample energy).
+- :mod:`~orchestrator.report.savings` -- carbon-aware placement against ``fifo``.
 - :mod:`~orchestrator.report.results` -- ``results``: one row per sweep point
   (``results --format json`` is a stable contract, :data:`RESULT_FIELDS`).
 - :mod:`~orchestrator.report.compare` -- ``compare``: compressed models x targets.
@@ -11,6 +14,7 @@ frontier, plots and the self-contained HTML report.
 Nothing here touches the store: the CLI reads it and passes records in.
 """
 
+from orchestrator.report.aggregate import result_row, result_rows
 from orchestrator.report.compare import Comparison, ModelRow, build_comparison, render_comparison
 from orchestrator.report.html import NO_PLACEMENT, build_report, placement_section, placement_summary
 from orchestrator.report.pareto import (
@@ -25,10 +29,11 @@ from orchestrator.report.pareto import (
     render_pareto,
 )
 from orchestrator.report.results import RESULT_FIELDS, render_results, result_dicts
+from orchestrator.report.savings import carbon_savings
 
 __all__ = [
     "NO_PLACEMENT", "RESULT_FIELDS", "X_METRICS", "Y_METRICS", "Comparison", "ModelRow", "Pareto", "ParetoPoint",
-    "TargetFront", "available_x", "build_comparison", "build_pareto", "build_report", "pareto_mask",
-    "placement_section", "placement_summary", "render_comparison", "render_pareto", "render_results",
-    "result_dicts",
+    "TargetFront", "available_x", "build_comparison", "build_pareto", "build_report", "carbon_savings",
+    "pareto_mask", "placement_section", "placement_summary", "render_comparison", "render_pareto",
+    "render_results", "result_dicts", "result_row", "result_rows",
 ]

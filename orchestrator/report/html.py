@@ -218,7 +218,8 @@ def placement_summary(savings: Mapping[str, Any] | None) -> str:
 
 
 def placement_section(savings: Mapping[str, Any] | None) -> str:
-    """The placement section from ``Store.carbon_savings(sweep_id)`` (None: no decisions)."""
+    """The placement section from :func:`orchestrator.report.savings.carbon_savings`
+    (``Store.carbon_savings(sweep_id)``; None: no decisions)."""
     body = ['<section id="placement"><h2>Carbon-aware placement</h2>']
     if not savings:
         body.append(f"<p>{_e(NO_PLACEMENT)}</p></section>")
@@ -279,7 +280,7 @@ def _energy_sources(rows: Sequence[ResultRow]) -> str:
 
 
 def _failures(stages: Sequence[StageRecord]) -> str:
-    from orchestrator.store.repository import stage_label
+    from workers.stages.registry import stage_label  # pydantic: imported only for a failure table
 
     bad = [s for s in stages if s.status in ("failed", "skipped")]
     body = ['<section id="failures"><h2>Failures</h2>']

@@ -95,8 +95,20 @@ def pareto_png(fronts: Sequence[TargetFront], x: Metric, y: Metric) -> bytes:
 
 # ------------------------------------------------------------------ pruning curves
 
-_PRUNE = "prune"
-_ROOT = "train"  # the sweep's baseline training: shared by every chain, not part of a series name
+def _curve_param(kind: str) -> str | None:
+    """The parameter a kind declares as the x axis of compression curves (prune: ratio)."""
+    from workers.stages.registry import STAGE_KINDS
+
+    known = STAGE_KINDS.get(kind)
+    return known.curve_param if known is not None else None
+
+
+def _is_root(kind: str) -> bool:
+    """The sweep's baseline training: shared by every chain, not part of a series name."""
+    from workers.stages.registry import STAGE_KINDS
+
+    known = STAGE_KINDS.get(kind)
+    return known is not None and known.role == "baseline"
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ class CurvePoint:
 def _series_name(row: ResultRow, prune_at: int | None) -> str:
     parts = []
     for i, (label, kind) in enumerate(zip(row.stages, row.stage_kinds)):
-        if kind == _ROOT:
+        if _is_root(kind):
             continue
         if i == prune_at:
             p = row.stage_params[i]
@@ -131,15 +143,15 @@ def prune_series(rows: Sequence[ResultRow]) -> dict[str, dict[str, list[CurvePoi
     unpruned: dict[tuple[str, tuple[str, ...]], ResultRow] = {}
     series_base: dict[tuple[str, str], tuple[str, ...]] = {}
     for r in rows:
-        prunes = [i for i, k in enumerate(r.stage_kinds) if k == _PRUNE]
+        prunes = [(i, axis) for i, k in enumerate(r.stage_kinds) if (axis := _curve_param(k)) is not None]
         if not prunes:
             unpruned.setdefault((r.target, r.stages), r)
             continue
-        if len(prunes) > 1 or "ratio" not in r.stage_params[prunes[0]]:
+        if len(prunes) > 1 or prunes[0][1] not in r.stage_params[prunes[0][0]]:
             continue
-        at = prunes[0]
+        at, axis = prunes[0]
         name = _series_name(r, at)
-        out.setdefault(r.target, {}).setdefault(name, []).append(CurvePoint(float(r.stage_params[at]["ratio"]), r))
+        out.setdefault(r.target, {}).setdefault(name, []).append(CurvePoint(float(r.stage_params[at][axis]), r))
         series_base[(r.target, name)] = r.stages[:at] + r.stages[at + 1:]
     for (target, name), base in series_base.items():
         anchor = unpruned.get((target, base))

@@ -14,9 +14,16 @@ intensity and carbon -- and the ``fifo`` counterfactual from the same instance: 
 and start a carbon-agnostic scheduler would have used and its expected carbon. The
 coordinator stores both (``placements``), so "carbon saved" is a query.
 
+Intensity series are read through a :class:`~orchestrator.carbon.cache.SeriesCache`:
+per (region, hour), refreshed by a background thread for remote providers, so a slow or
+rate-limited API never stalls dispatch. A plan made on a region's last known series or
+on the labelled fallback says so: its decisions' ``estimate_source`` carries
+``+stale-intensity`` / ``+fallback-intensity`` (e.g. ``catalog+stale-intensity``), and
+the coordinator's warning line names the region and the reason, once per change.
+
 Expected durations and power per (stage kind, node type) come from earlier measurements
 in the store when there are any (median of succeeded stages), else from the catalog:
-:data:`DEFAULT_STAGE_S` scaled by the node type's ``relative_speed`` and its nominal
+each kind's registered ``default_duration_s`` scaled by the node type's ``relative_speed`` and its nominal
 power (``cpu_tdp_w + gpu_power_w``).
 """
 
@@ -24,11 +31,13 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
-from orchestrator.scheduler import Slot, compatible
+from orchestrator.scheduler import Slot, choose_slot, compatible
+from workers.stages.registry import STAGE_KINDS
 
 REPLAN_S = 30.0
 STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
@@ -36,10 +45,14 @@ HORIZON_S = 48 * 3600.0  # intensity looked ahead without a deadline
 START_TOLERANCE_S = 1.0  # a planned start this close to now is "now"
 WAIT_NOTE_S = 300.0  # a held stage is reported when it starts this much later than fifo would start it
 ONLINE_EFFORT = 1000  # carbon-deadline search budget per re-plan (~0.1 s for a few hundred stages)
-DEFAULT_STAGE_S: dict[str, float] = {"train": 600.0, "finetune": 300.0, "distill": 300.0,
-                                     "prune": 60.0, "quantize": 60.0, "evaluate": 60.0}
 DEFAULT_POWER_W = 100.0  # a node type missing from the catalog
-ALWAYS_FLEXIBLE = ("train", "finetune", "distill")
+
+
+def _default_duration_s(kind: str) -> float:
+    """The kind's registered estimate before anything was measured (60 s for a kind
+    this coordinator does not know)."""
+    known = STAGE_KINDS.get(kind)
+    return known.default_duration_s if known is not None else 60.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,7 @@ class Estimates:
             other_power, other_speed = self._nominal(other)
             duration, measured_power = self._medians(self._samples[(kind, other)], other_power)
             return Estimate(duration * other_speed / speed, measured_power * power / other_power, "scaled")
-        return Estimate(DEFAULT_STAGE_S.get(kind, 60.0) / speed, power, "catalog")
+        return Estimate(_default_duration_s(kind) / speed, power, "catalog")
 
     @staticmethod
     def _medians(samples: list[tuple[float, float | None]], nominal_w: float) -> tuple[float, float]:
@@ -103,18 +116,30 @@ class CarbonPlacer:
 
     def __init__(self, *, policy: str, provider: Any, estimates: Estimates, deadline: datetime | None = None,
                  flexible_kinds: Sequence[str] = (), warn: Callable[[str], None] = lambda m: None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 intensity: Any = None) -> None:
+        """*intensity*: the :class:`~orchestrator.carbon.cache.SeriesCache` to read series
+        through (default: one over *provider* with this *clock*); the placer owns it and
+        stops its refresher in :meth:`close` (or when the placer is garbage-collected)."""
         if policy not in ("greedy-carbon", "carbon-deadline"):
             raise ValueError(f"CarbonPlacer does not do policy {policy!r}")
         self.policy, self.provider, self.estimates = policy, provider, estimates
         self.deadline, self.clock, self.warn = deadline, clock, warn
-        self.flexible_kinds = set(ALWAYS_FLEXIBLE) | set(flexible_kinds)
+        self.flexible_kinds = {k for k, sk in STAGE_KINDS.items() if sk.may_wait} | set(flexible_kinds)
         self._plan: dict[str, tuple[str, datetime, float]] = {}  # key -> (node id, start, carbon g)
         self._fifo: dict[str, tuple[str, datetime, float]] = {}
-        self._intensity_cache: dict[tuple[str, datetime], list[float]] = {}
+        if intensity is None:
+            from orchestrator.carbon.cache import SeriesCache
+
+            intensity = SeriesCache(provider, step_s=STEP_S, clock=clock)
+        self.intensity = intensity
+        self._views: dict[str, Any] = {}  # region -> SeriesView of the last plan
+        self._told: dict[str, str] = {}  # region -> the intensity status last warned about
+        weakref.finalize(self, intensity.close, wait=False)
         self._dirty = True
         self._planned_at = 0.0
         self._signature: tuple[Any, ...] = ()
+        self._fallback: str | None = None  # why placement is by fifo now (no plan could be made)
         self._running_since: dict[str, datetime] = {}
         self.replans = 0
         self.held: dict[str, tuple[str, datetime, float]] = {}  # ready stages waiting for their window
@@ -131,14 +156,39 @@ class CarbonPlacer:
 
     # -- planning ------------------------------------------------------------------------
 
-    def _series(self, region: str, origin: datetime, horizon_s: float) -> list[float]:
-        """Hourly intensity of *region* from *origin* (the start of an hour), fetched
-        once per (region, hour)."""
-        key = (region, origin)
-        if key not in self._intensity_cache:
-            end = origin + timedelta(seconds=horizon_s + 2 * STEP_S)
-            self._intensity_cache[key] = list(self.provider.series(region, origin, end, STEP_S))
-        return self._intensity_cache[key]
+    def close(self) -> None:
+        """Stop the intensity refresher (idempotent); the placer still plans on what it has."""
+        self.intensity.close()
+
+    def _series(self, regions: list[str], origin: datetime, horizon_s: float) -> dict[str, list[float]]:
+        """Hourly intensity of each region from *origin* (the start of an hour), cached
+        per (region, hour) and never waited for on the network (see the module); a
+        region's stale or fallback series is warned about when its status changes."""
+        self._views = self.intensity.read(regions, origin, horizon_s + 2 * STEP_S)
+        for region, view in self._views.items():
+            if self._told.get(region, "fresh") == view.status:
+                continue
+            self._told[region] = view.status
+            name = repr(region) if region else "(unlabelled)"
+            if view.status == "fresh":
+                self.warn(f"carbon intensity for region {name} is current again")
+            elif view.status == "stale":
+                self.warn(f"carbon intensity for region {name} is not available for {origin:%Y-%m-%d %H:%M} UTC "
+                          f"({view.reason}); planning with the series fetched {view.fetched_at:%Y-%m-%d %H:%M} UTC, "
+                          f"labelled {view.label}")
+            else:
+                self.warn(f"no carbon intensity for region {name} ({view.reason}); planning with the fallback "
+                          f"{view.values[0]:g} g/kWh ({view.source}), labelled {view.label}")
+        return {region: list(view.values) for region, view in self._views.items()}
+
+    def _intensity_label(self, *regions: str | None) -> str:
+        """``+stale-intensity`` / ``+fallback-intensity`` when the last plan used such a
+        series for any of *regions* (the worst wins), else ``""``."""
+        labels = {self._views[r or ""].label for r in regions if (r or "") in self._views}
+        for label in ("fallback-intensity", "stale-intensity"):
+            if label in labels:
+                return f"+{label}"
+        return ""
 
     def _instance(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any,
                   now: datetime, origin: datetime) -> dict[str, Any] | None:
@@ -186,7 +236,7 @@ class CarbonPlacer:
         if not tasks:
             return None
         regions = sorted({n["region"] for n in nodes})
-        intensity = {r: self._series(r, origin, horizon) for r in regions}
+        intensity = self._series(regions, origin, horizon)
         return {"step_s": STEP_S, "node_types": types, "nodes": nodes, "tasks": tasks, "intensity": intensity}
 
     def _replan(self, stages: list[Any], slots: list[Slot], status: dict[str, str], plan: Any) -> None:
@@ -213,14 +263,21 @@ class CarbonPlacer:
 
         remaining = [s for s in plan.stages if status[s.key] == "pending"]
         signature = (tuple(s.key for s in ready), tuple(id(s) for s in free))
-        if (self._dirty or signature != self._signature or time.monotonic() - self._planned_at > REPLAN_S
-                or any(s.key not in self._plan for s in ready)):
+        stale = time.monotonic() - self._planned_at > REPLAN_S
+        if stale or (self._fallback is None and (self._dirty or signature != self._signature
+                                                  or any(s.key not in self._plan for s in ready))):
             try:
                 self._replan(remaining, slots, status, plan)
+                self._fallback = None
             except (CarbonDataError, CarbonProviderError) as e:
-                self.warn(f"carbon-aware placement unavailable ({e}); placing by fifo")
-                self._plan, self._fifo = {}, {}
+                note = f"carbon-aware placement unavailable ({e}); placing by fifo until it is back"
+                if note != self._fallback:  # once per cause, not once per tick
+                    self.warn(note)
+                self._fallback, self._plan, self._fifo = note, {}, {}
+                self._dirty, self._planned_at = False, time.monotonic()  # try again after REPLAN_S
             self._signature = signature
+        if self._fallback is not None:
+            return self._place_fifo(ready, free)
         now = self.clock()
         by_node = {s.node.node_id: s for s in free}
         taken: set[int] = set()
@@ -241,6 +298,18 @@ class CarbonPlacer:
             taken.add(id(slot))
             self._running_since[stage.key] = now
             out.append((stage, slot, self._decision(stage, slot, start, carbon_g, slots)))
+        return out
+
+    def _place_fifo(self, ready: list[Any], free: list[Slot]) -> list[tuple[Any, Slot, dict[str, Any] | None]]:
+        """While no plan can be made: what fifo would start now, with no carbon decision
+        recorded (there is no intensity to record), so the sweep goes on."""
+        self.held = {}
+        out, taken = [], set()
+        for stage in ready:
+            slot = choose_slot(stage, [s for s in free if id(s) not in taken])
+            if slot is not None:
+                taken.add(id(slot))
+                out.append((stage, slot, None))
         return out
 
     def held_notes(self, slots: list[Slot]) -> dict[str, tuple[tuple[str, str], str]]:
@@ -277,7 +346,8 @@ class CarbonPlacer:
             "node_type": slot.node.node_type, "region": slot.node.region, "start_at": start,
             "expected_duration_s": est.duration_s, "expected_energy_j": est.power_w * est.duration_s,
             "expected_intensity_g_per_kwh": mean_intensity(carbon_g, est), "expected_carbon_g": carbon_g,
-            "estimate_source": est.source, "fifo_node_id": fifo_node.node_id, "fifo_node_type": fifo_node.node_type,
+            "estimate_source": est.source + self._intensity_label(slot.node.region, fifo_node.region),
+            "fifo_node_id": fifo_node.node_id, "fifo_node_type": fifo_node.node_type,
             "fifo_region": fifo_node.region, "fifo_start_at": fifo_start,
             "fifo_expected_energy_j": fifo_est.power_w * fifo_est.duration_s,
             "fifo_expected_intensity_g_per_kwh": mean_intensity(fifo_carbon, fifo_est),

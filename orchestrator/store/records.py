@@ -171,6 +171,31 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class PointRecord:
+    """One sweep point as stored, with the raw records its result is computed from
+    (:func:`orchestrator.report.aggregate.result_row` turns it into a :class:`ResultRow`).
+
+    ``measured`` is the evaluate stage whose repeats ``measurements`` are: this sweep's
+    when it succeeded, the latest earlier sweep's that succeeded when this one ``reused``
+    it, else None (and ``measurements`` is empty). ``artifact`` is the last compression
+    stage's artifact, None for an empty chain or one not recorded.
+    """
+
+    sweep_id: str
+    point_index: int
+    label: str
+    pipeline: str
+    stage_keys: tuple[str, ...]  # root .. last compression stage
+    chain: tuple[StageRecord | None, ...]  # the stages of stage_keys (None: not in this sweep)
+    target: str
+    eval_key: str
+    evaluation: StageRecord
+    measured: StageRecord | None
+    measurements: tuple[MeasurementRecord, ...]
+    artifact: ArtifactRecord | None
+
+
+@dataclass(frozen=True)
 class ResultRow:
     """One sweep point -- a compression chain evaluated on one target -- with its numbers.
 
@@ -182,14 +207,15 @@ class ResultRow:
     when that domain had no sensor, and ``energy_source`` says where each domain's figure
     came from (``estimate-tdp`` is an estimate, not a measurement). Model facts (params,
     MACs, on-disk bytes, materialized) describe the last compression stage's artifact.
+    Computed from a :class:`PointRecord` by :mod:`orchestrator.report.aggregate`.
     """
 
     sweep_id: str
     point_index: int
-    point: str  # readable label, e.g. "structured(all,0.5) > quantize(w8a8)"
+    point: str  # the plan's label, e.g. "s: prune(method=structured, ratio=0.5, mode=all) > quantize(weights=int8)"
     pipeline: str
     stage_keys: tuple[str, ...]  # root .. last compression stage
-    stages: tuple[str, ...]  # the same chain as readable "kind(param=value, ...)" labels
+    stages: tuple[str, ...]  # the same chain as workers.stages.registry.stage_label labels
     target: str
     eval_key: str
     status: str  # status of the evaluate stage

@@ -3,6 +3,13 @@
 
 Every test asserts the exact set of results (one row per point, no gaps, no duplicate
 measurements) and the attempts recorded for the stages that were hit.
+
+No test guesses how long a stage runs. The stage a test hits is *held*: the test creates
+``<hold dir>/<kind>`` and names the directory in ``GREENSWEEP_TEST_HOLD_DIR``; the
+training loop then waits after each checkpointed, reported epoch while that file exists
+(``workers.stages.noop.hold_for_test``). The test waits on store state -- the stage
+``running`` with an epoch recorded -- acts, and deletes the file to let the stage (or its
+retry) go on. The waits' bounds are failure bounds, far above any run on a loaded machine.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.store import Store
+from workers.stages.noop import HOLD_DIR_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+WAIT_S = 600.0  # failure bound of every wait on the sweep's state (a CI machine can be slow)
 
 GREENSWEEP = str(Path(sys.executable).parent / "greensweep")
 
@@ -48,7 +58,25 @@ def _spec(tmp_path: Path, *, epochs: int = 2, targets: str = "[local]", extra: s
 
 def _env(tmp_path: Path, db: str) -> dict[str, str]:
     return {**os.environ, "GREENSWEEP_ARTIFACTS": str(tmp_path / "artifacts"), "GREENSWEEP_DB_URL": db,
-            "GREENSWEEP_DEBUG": ""}
+            "GREENSWEEP_DEBUG": "", HOLD_DIR_ENV: str(tmp_path / "holds")}
+
+
+def _hold(tmp_path: Path, kind: str) -> Path:
+    """Hold every *kind* stage of the sweeps run with :func:`_env` (*tmp_path*) after each
+    epoch until the returned file is deleted."""
+    path = tmp_path / "holds" / kind
+    path.parent.mkdir(exist_ok=True)
+    path.touch()
+    return path
+
+
+def _wait_held(store: Store, sweep_id: str, kind: str):
+    """The *kind* stage once it is running and has recorded an epoch: held (see
+    :func:`_hold`), it is then still running until the test releases it."""
+    stage = _wait_for(lambda: (st := _stage(store, sweep_id, kind)).status == "running" and st, WAIT_S,
+                      f"{kind} to start")
+    _wait_for(lambda: len(store.progress(sweep_id, stage.key)) >= 1, WAIT_S, f"a {kind} epoch to be recorded")
+    return stage
 
 
 def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
@@ -86,19 +114,21 @@ def _latest_sweep(db: str) -> str | None:
 
 def test_worker_sigkill_mid_stage_is_retried_and_persisted_once(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/store.db"
-    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=15)), "--progress", "plain"],
+    hold = _hold(tmp_path, "train")
+    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=3)), "--progress", "plain"],
                             cwd=tmp_path, env=_env(tmp_path, db), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        sweep_id = _wait_for(lambda: _latest_sweep(db), 120, "the sweep to be recorded")
+        sweep_id = _wait_for(lambda: _latest_sweep(db), WAIT_S, "the sweep to be recorded")
         with Store.open(db) as store:
-            _wait_for(lambda: _stage(store, sweep_id, "train").status == "running", 120, "training to start")
-            time.sleep(2.0)  # inside the 15-epoch training (~6 s on 2 idle cores)
+            _wait_held(store, sweep_id, "train")  # held after its first epoch
             assert _stage(store, sweep_id, "train").status == "running"
             (node,) = store.nodes()
             os.kill(node.hardware["pid"], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=360)
+        hold.unlink()  # the retry runs through
+        out, _ = proc.communicate(timeout=WAIT_S)
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
@@ -115,35 +145,37 @@ def test_worker_sigkill_mid_stage_is_retried_and_persisted_once(tmp_path: Path) 
 
 def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Path) -> None:
     """Kill the coordinator (and the local Ray it started) while a fine-tuning stage is
-    mid-way: ``resume`` does not run the finished stages again and the fine-tuning
-    continues from its last epoch checkpoint."""
+    mid-way (held after its first of 3 epochs): ``resume`` does not run the finished
+    stages again and the fine-tuning continues from its last epoch checkpoint."""
     db = f"sqlite:///{tmp_path}/store.db"
     env = _env(tmp_path, db)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.format(epochs=2, targets="[local]", extra="").replace(
         "      - prune: {method: unstructured, ratio: [0.3, 0.6]}",
-        "      - prune: {method: unstructured, ratio: 0.5}\n      - finetune: {epochs: 25, lr: 0.001}"))
+        "      - prune: {method: unstructured, ratio: 0.5}\n      - finetune: {epochs: 3, lr: 0.001}"))
+    hold = _hold(tmp_path, "finetune")
     proc = subprocess.Popen([GREENSWEEP, "run", str(spec), "--progress", "plain"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        sweep_id = _wait_for(lambda: _latest_sweep(db), 120, "the sweep to be recorded")
+        sweep_id = _wait_for(lambda: _latest_sweep(db), WAIT_S, "the sweep to be recorded")
         with Store.open(db) as store:
-            ft = _wait_for(lambda: (st := _stage(store, sweep_id, "finetune")).status == "running" and st, 240,
-                           "fine-tuning to start")
-            _wait_for(lambda: len(store.progress(sweep_id, ft.key)) >= 1, 240, "a fine-tuning epoch", poll_s=0.1)
+            ft = _wait_held(store, sweep_id, "finetune")
         os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and the local Ray it started
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     finally:
+        hold.unlink()  # resume's fine-tuning runs through
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     with Store.open(db) as store:
         assert store.get_sweep(sweep_id).status == "running"  # nobody closed it
         done_before = {st.key for st in store.stages(sweep_id) if st.status == "succeeded"}
         assert {_stage(store, sweep_id, k).key for k in ("train", "prune")} <= done_before
+        assert ft.key not in done_before
         epochs_before = len(store.progress(sweep_id, ft.key))
+        assert 1 <= epochs_before < 3  # mid-way
 
     done = subprocess.run([GREENSWEEP, "resume", sweep_id, "--progress", "plain"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=WAIT_S)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming sweep" in done.stdout
     with Store.open(db) as store:
@@ -158,31 +190,33 @@ def test_coordinator_sigkill_then_resume_finishes_without_rerunning(tmp_path: Pa
         assert all(r.status == "succeeded" and r.top1 is not None for r in rows)
 
     again = subprocess.run([GREENSWEEP, "resume", sweep_id], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=WAIT_S)
     assert again.returncode == 0 and "already succeeded" in again.stdout
 
 
 @pytest.mark.parametrize("how", ["cancel", "sigterm"])
 def test_cancel_or_sigterm_stops_a_running_sweep_resumably(tmp_path: Path, how: str) -> None:
     """``greensweep cancel`` and ``kill PID`` (SIGTERM) both stop the sweep cleanly: its
-    running stage is cancelled, the sweep is resumable, and no traceback or Ray stack
-    dump reaches the user."""
+    running stage (held, so certainly still running) is cancelled, the sweep is
+    resumable, and no traceback or Ray stack dump reaches the user."""
     db = f"sqlite:///{tmp_path}/store.db"
     env = _env(tmp_path, db)
-    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=40)), "--progress", "plain"],
+    hold = _hold(tmp_path, "train")
+    proc = subprocess.Popen([GREENSWEEP, "run", str(_spec(tmp_path, epochs=3)), "--progress", "plain"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        sweep_id = _wait_for(lambda: _latest_sweep(db), 120, "the sweep to be recorded")
+        sweep_id = _wait_for(lambda: _latest_sweep(db), WAIT_S, "the sweep to be recorded")
         with Store.open(db) as store:
-            _wait_for(lambda: _stage(store, sweep_id, "train").status == "running", 120, "training to start")
+            _wait_held(store, sweep_id, "train")
         if how == "cancel":
             c = subprocess.run([GREENSWEEP, "cancel", sweep_id], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=60)
+                               text=True, timeout=WAIT_S)
             assert c.returncode == 0 and "cancel requested" in c.stdout, c.stdout + c.stderr
         else:
             proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=WAIT_S)  # the held training ends only by being cancelled
     finally:
+        hold.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out
@@ -194,7 +228,7 @@ def test_cancel_or_sigterm_stops_a_running_sweep_resumably(tmp_path: Path, how: 
         assert train.status == "pending"
         assert [a.status for a in store.attempts(sweep_id, train.key)] == ["cancelled"]
     c2 = subprocess.run([GREENSWEEP, "cancel", sweep_id], cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=60)
+                        timeout=WAIT_S)
     assert c2.returncode == 0 and "already ended (cancelled)" in c2.stdout
 
 
@@ -209,7 +243,12 @@ def test_four_concurrent_sweeps_share_store_and_artifacts(tmp_path: Path, db_url
     spec = _spec(tmp_path, epochs=2)
     procs = [subprocess.Popen([GREENSWEEP, "run", str(spec), "--progress", "plain"], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=WAIT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n\n".join(outs)
     with Store.open(db_url) as store:
         sweeps = [s.id for s in store.list_sweeps()]
@@ -233,24 +272,26 @@ def test_node_loss_replaces_stages_and_fails_the_lost_type_by_name(tmp_path: Pat
     from orchestrator.cli import main
 
     db = f"sqlite:///{tmp_path}/store.db"
-    spec = _spec(tmp_path, epochs=40, targets="[cpu-small, cpu-xeon]")
+    spec = _spec(tmp_path, epochs=3, targets="[cpu-small, cpu-xeon]")
     os.environ["GREENSWEEP_ARTIFACTS"] = str(tmp_path / "artifacts")
+    os.environ[HOLD_DIR_ENV] = str(tmp_path / "holds")  # the simulated nodes start from this process
+    hold = _hold(tmp_path, "train")
     removed: dict[str, str] = {}
     failures: list[BaseException] = []
 
     def remove_training_node() -> None:  # the chaos monkey; the sweep runs on the main thread
         try:
-            sweep_id = _wait_for(lambda: _latest_sweep(db), 240, "the sweep to be recorded")
+            sweep_id = _wait_for(lambda: _latest_sweep(db), WAIT_S, "the sweep to be recorded")
             with Store.open(db) as store:
-                train = _wait_for(lambda: (st := _stage(store, sweep_id, "train")).status == "running" and st, 240,
-                                  "training to start")
-                time.sleep(2.0)
+                train = _wait_held(store, sweep_id, "train")
                 victim = next(n for n in cluster._simulated.list_all_nodes() if n.node_id == train.node_id)
                 removed["type"] = next(n.node_type for n in store.nodes() if n.node_id == train.node_id)
                 removed["sweep"] = sweep_id
                 cluster._simulated.remove_node(victim, allow_graceful=False)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             failures.append(e)
+        finally:
+            hold.unlink(missing_ok=True)  # the re-placed training runs through
 
     t = threading.Thread(target=remove_training_node, daemon=True)
     t.start()
@@ -260,7 +301,9 @@ def test_node_loss_replaces_stages_and_fails_the_lost_type_by_name(tmp_path: Pat
                   "--progress", "plain", "--max-attempts", "3"])
     finally:
         os.environ.pop("GREENSWEEP_ARTIFACTS", None)
-    t.join(timeout=30)
+        os.environ.pop(HOLD_DIR_ENV, None)
+        hold.unlink(missing_ok=True)
+    t.join(timeout=60)
     assert not failures, failures
     codes = [exit_info.value.code]
     sweep_id, lost_type = removed["sweep"], removed["type"]

@@ -170,3 +170,26 @@ def test_retraining_sweep_records_progress_energy_and_carbon(tmp_path: Path) -> 
         assert r.intensity_source.startswith("static:") and r.intensity_kind == "average"
         assert r.intensity_g_per_kwh == pytest.approx(56.0)  # FR, Ember 2023
         assert r.carbon_g_per_sample == pytest.approx(r.energy_per_sample_j / 3.6e6 * 56.0)
+
+
+def test_run_sweep_from_python_returns_the_sweep_id_and_succeeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``orchestrator.run_sweep`` runs a tiny sweep in this process (its own local Ray,
+    shut down after), quietly, and returns what the store then says."""
+    import orchestrator
+    from orchestrator.store import Store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GREENSWEEP_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC.replace("epochs: 8", "epochs: 1").replace("activations: [none, int8]", "activations: none"))
+    db = f"sqlite:///{tmp_path / 'py.db'}"
+    outcome = orchestrator.run_sweep(spec, db=db)
+    assert (outcome.status, outcome.sweep_id[:3]) == ("succeeded", "sw-")
+    import ray
+
+    assert not ray.is_initialized()  # the Ray it started is gone
+    with Store.open(db) as store:
+        assert store.get_sweep(outcome.sweep_id).status == "succeeded"
+        assert outcome.counts == store.stage_counts(outcome.sweep_id)
+        assert len(store.results(outcome.sweep_id)) == 3  # baseline, unstructured, structured > int8

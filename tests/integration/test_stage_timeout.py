@@ -2,8 +2,12 @@
 lost and is retried until its attempts run out; stages waiting in a worker's queue are
 not on the clock until they start.
 
-The coordinator runs in this process on ``noop`` stages that sleep (the hidden kind the
-overhead benchmark uses), so the times are the machinery's, not a model's.
+The coordinator runs in this process on ``noop`` stages (the hidden kind the overhead
+benchmark uses), so the times are the machinery's, not a model's. The stage that must be
+timed out is *held* (``hold_file``: it waits while the file exists, and the test never
+deletes it), so it cannot end on its own however fast or slow the machine is; the stages
+that must not be timed out sleep a small fraction of the timeout, leaving seconds of
+slack for a loaded machine.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def pool() -> Iterator[Any]:
     import ray
 
     from orchestrator import cluster
-    from orchestrator.coordinator import WorkerPool
+    from orchestrator.pool.ray import RayWorkerPool as WorkerPool
 
     cluster.connect(None)
     pool = WorkerPool(cluster.discover_nodes())
@@ -46,7 +50,9 @@ def pool() -> Iterator[Any]:
         ray.shutdown()
 
 
-def run_sweep(pool: Any, tmp_path: Path, sleeps: list[float], **options: Any) -> tuple[Any, Any, str]:
+def run_sweep(pool: Any, tmp_path: Path, stage_params: list[dict[str, Any]],
+              **options: Any) -> tuple[Any, Any, str]:
+    """Run one sweep of independent noop stages, the i-th with ``stage_params[i]``."""
     from orchestrator.coordinator import Coordinator, RunOptions, coordinator_id
     from orchestrator.plan import Plan, PlannedStage, stage_key
     from orchestrator.spec import parse_spec
@@ -54,8 +60,8 @@ def run_sweep(pool: Any, tmp_path: Path, sleeps: list[float], **options: Any) ->
 
     root = stage_key("root", "timeouts", {"run": uuid.uuid4().hex})
     stages = []
-    for i, s in enumerate(sleeps):
-        params = {"index": i, "sleep_s": s}
+    for i, extra in enumerate(stage_params):
+        params = {"index": i, **extra}
         stages.append(PlannedStage(stage_key(root, "noop", params), "noop", params, None, f"noop({i})"))
     plan = Plan(root_key=root, stages=tuple(stages), points=(), naive_stage_count=len(stages),
                 _by_key={s.key: s for s in stages})
@@ -75,25 +81,29 @@ def run_sweep(pool: Any, tmp_path: Path, sleeps: list[float], **options: Any) ->
 
 
 def test_an_attempt_past_the_timeout_is_killed_lost_and_retried_until_it_fails(pool: Any, tmp_path: Path) -> None:
-    outcome, store, sweep_id = run_sweep(pool, tmp_path, [0.0, 60.0], stage_timeout_s=1.5, max_attempts=2)
+    hold = tmp_path / "hold"
+    hold.touch()  # never deleted: only the timeout can end the held stage's attempts
+    held = {"hold_file": str(hold), "hold_timeout_s": 240.0}
+    outcome, store, sweep_id = run_sweep(pool, tmp_path, [{}, held], stage_timeout_s=3.0, max_attempts=2)
     try:
         assert outcome.status == "partial" and outcome.counts == {"succeeded": 1, "failed": 1}
         slow = store.stages(sweep_id)[1]
         attempts = [a for a in store.attempts(sweep_id) if a.stage_key == slow.key]
         assert [a.status for a in attempts] == ["lost", "lost"]
-        assert all("ran past the stage timeout of 1.5s" in (a.error or "") for a in attempts)
+        assert all("ran past the stage timeout of 3s" in (a.error or "") for a in attempts)
         assert slow.status == "failed"
-        assert outcome.wall_s < 40  # killed after 1.5 s per attempt, not after the 60 s sleep
+        assert outcome.wall_s < 240  # killed by the 3 s timeout per attempt, not released by the hold's bound
     finally:
         store.close()
 
 
 def test_stages_queued_behind_others_are_not_on_the_clock(pool: Any, tmp_path: Path) -> None:
-    # three instant stages make noop a short kind; the next four (0.6 s each, 2.4 s in all)
-    # then queue together on the one worker: each runs well within the 1.5 s timeout, the
-    # last only starts 1.8 s after it was dispatched
-    outcome, store, sweep_id = run_sweep(pool, tmp_path, [0.0, 0.0, 0.0, 0.6, 0.6, 0.6, 0.6],
-                                         stage_timeout_s=1.5, max_attempts=1)
+    # three instant stages make noop a short kind; the next five (1 s each, 5 s in all)
+    # then queue together on the one worker: each runs within the 3 s timeout with 2 s to
+    # spare for a loaded machine, the last only starts 4 s or more after it was dispatched
+    # (it would be timed out if the clock counted its wait in the queue)
+    outcome, store, sweep_id = run_sweep(pool, tmp_path, [{}] * 3 + [{"sleep_s": 1.0}] * 5,
+                                         stage_timeout_s=3.0, max_attempts=1)
     try:
         assert outcome.status == "succeeded", [(s.status, s.error) for s in store.stages(sweep_id)]
         assert all(a.status == "succeeded" for a in store.attempts(sweep_id))

@@ -148,6 +148,10 @@ def make_file(path: Path, how: dict[str, Any], tmp: Path) -> None:
         path.write_text(CLUSTER_FILE)
     elif make == "alias-bomb":
         path.write_text(_alias_bomb(int(how["depth"])))
+    elif make == "deep-yaml":
+        depth = int(how["depth"])
+        path.write_text(VALID_SPEC.replace("model: {arch: resnet18}",
+                                           "model: {arch: resnet18, kwargs: {a: " + "[" * depth + "]" * depth + "}}"))
     elif make == "pickle-payload":
         with path.open("wb") as f:
             pickle.dump({"state_dict": _Payload(tmp / how["marker"])}, f)
@@ -286,12 +290,12 @@ def test_noop_kind_is_registered_but_hidden_from_specs() -> None:
     """The benchmark's ``noop`` kind runs like any kind (coordinator and worker look it
     up in the registry) but is no pipeline kind, and errors do not advertise it."""
     from workers.stages.noop import run
-    from workers.stages.registry import PIPELINE_KINDS, get_kind
+    from workers.stages.registry import get_kind, pipeline_kinds
     from workers.types import DatasetRef, ModelRef, StageTask, WorkerEnv
 
     kind = get_kind("noop")
     assert kind.hidden and kind.flexible and not kind.produces_artifact
-    assert "noop" not in PIPELINE_KINDS and not any(get_kind(k).hidden for k in PIPELINE_KINDS)
+    assert "noop" not in pipeline_kinds() and not any(get_kind(k).hidden for k in pipeline_kinds())
     with pytest.raises(KeyError) as info:
         get_kind("nope")
     assert "noop" not in str(info.value)
@@ -340,7 +344,8 @@ def test_pickle_checkpoint_payload_is_refused_never_run(tmp_path: Path, writer: 
 def artifact_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from workers.models import build_model, save_artifact
+    from workers.modelio import save_artifact
+    from workers.models import build_model
     from workers.types import ModelRef
 
     root = tmp_path_factory.mktemp("artifacts")
@@ -375,7 +380,8 @@ def test_tampered_artifact_is_detected(artifact_root: Path, tmp_path: Path, tamp
     (torch-free) does not reuse it, and loading it fails with one line naming the
     directory to delete."""
     from workers.artifacts import read_manifest, verified_manifest
-    from workers.models import ArtifactLoadError, artifact_info, load_artifact
+    from workers.modelio import artifact_info, load_artifact
+    from workers.models import ArtifactLoadError
 
     root = tmp_path / "root"
     shutil.copytree(artifact_root, root)

@@ -11,7 +11,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from workers.models import ArtifactLoadError, build_model, load_artifact, save_artifact
+from workers.modelio import load_artifact, save_artifact
+from workers.models import ArtifactLoadError, build_model
 from workers.stages import distill, finetune, prune, train
 from workers.stages.distill import kd_loss, load_teacher
 from workers.types import DatasetRef, ModelRef, StageTask, WorkerEnv
@@ -206,4 +207,6 @@ def test_the_reference_study_spec_plans_without_weights_or_data(capsys):
     except SystemExit as e:  # main exits only on an error
         pytest.fail(f"greensweep plan exited with {e.code}: {capsys.readouterr().err}")
     out = capsys.readouterr().out
-    assert "3 points" in out and "distill(alpha=0.25,temperature=4" in out and "finetune(lr=3e-05" in out
+    # labels leave out the kind's defaults (alpha 0.25, T 4, 10 epochs): what the spec changed shows
+    assert "3 points" in out and "distill(lr=3e-05, batch_size=16)" in out
+    assert "finetune(lr=3e-05, batch_size=16)" in out

@@ -25,7 +25,8 @@ DIGITS_TEST_SIZE = 360
 @pytest.fixture(scope="module")
 def artifact_root(tmp_path_factory):
     """An untrained tiny ViT saved as artifact ``parent``: evaluation needs no training."""
-    from workers.models import build_model, save_artifact
+    from workers.modelio import save_artifact
+    from workers.models import build_model
 
     root = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
@@ -86,7 +87,7 @@ def test_repeats_cover_the_whole_test_split(artifact_root):
 
 
 def test_summary_metrics(artifact_root):
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     out = evaluate.run(_task(artifact_root, repeats=3, warmup_batches=0), ENV)
     _, manifest = load_artifact(artifact_root, "parent")
@@ -157,7 +158,8 @@ def test_accuracy_on_synthetic_data_is_refused(artifact_root):
 
 def test_test_split_is_adapted_to_the_models_input(artifact_root):
     """Grey 8x8 digits evaluated by an RGB 16x16 model: converted before timing."""
-    from workers.models import build_model, save_artifact
+    from workers.modelio import save_artifact
+    from workers.models import build_model
 
     rgb = ModelRef(TINY_VIT.arch, {**TINY_VIT.kwargs, "in_chans": 3, "img_size": 16})
     save_artifact(

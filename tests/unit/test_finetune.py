@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tests.unit.test_distill import ENV, RETRAIN, STRUCTURED, UNSTRUCTURED, task, trained_and_pruned
-from workers.models import load_artifact
+from workers.modelio import load_artifact
 from workers.stages import finetune
 
 
@@ -49,12 +49,12 @@ def test_finetune_keeps_an_unstructured_parent_sparse(parents):
 
 
 def test_finetune_params_and_registration():
-    from workers.stages.registry import STAGE_KINDS, PIPELINE_KINDS, FinetuneParams
+    from workers.stages.registry import STAGE_KINDS, FinetuneParams, pipeline_kinds
 
     assert set(FinetuneParams.model_fields) >= {
         "epochs", "lr", "weight_decay", "batch_size", "warmup_epochs", "label_smoothing", "augment",
         "accumulate_steps", "patience", "amp",
     }
-    assert "finetune" in PIPELINE_KINDS and "distill" in PIPELINE_KINDS
+    assert "finetune" in pipeline_kinds() and "distill" in pipeline_kinds()
     kind = STAGE_KINDS["finetune"]
     assert kind.produces_artifact and kind.flexible and kind.load_runner() is finetune.run

@@ -24,18 +24,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from workers import models
+from workers import modelio
 from workers.artifacts import MANIFEST_FILE, STRUCTURE_FILE, WEIGHTS_FILE
+from workers.modelio import artifact_info, load_artifact, save_artifact
 from workers.models import (
     ArtifactLoadError,
     PretrainedWeightsUnavailableError,
-    artifact_info,
     build_model,
     count_macs,
     count_params,
-    input_shape_for,
-    load_artifact,
-    save_artifact,
+    model_input_shape,
+    timm_kwargs,
 )
 from workers.types import ModelRef
 
@@ -55,14 +54,14 @@ def capturing_saves() -> Iterator[dict[str, nn.Module]]:
     """Record every model a stage hands to ``save_artifact``, by key: the reference a
     reloaded artifact must reproduce (stages import ``save_artifact`` when they run)."""
     saved: dict[str, nn.Module] = {}
-    real_save = models.save_artifact
+    real_save = modelio.save_artifact
 
     def spy(model: nn.Module, **kwargs: Any) -> Any:
         saved[kwargs["key"]] = model
         return real_save(model, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "save_artifact", spy)
+        mp.setattr(modelio, "save_artifact", spy)
         yield saved
 
 
@@ -90,7 +89,7 @@ _CHILD = textwrap.dedent(
 
     torch.load = pickle.load = pickle.loads = refuse  # rebuilding may use json + safetensors only
     torch.set_num_threads(1)
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     results = {}
     for case in json.load(open(sys.argv[1])):
@@ -227,10 +226,48 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path):
         build_model(ModelRef(TINY_VIT.arch, TINY_VIT.kwargs, checkpoint=str(tmp_path / "nope.pt")), 10)
 
 
-def test_input_shape_for():
-    assert input_shape_for(TINY_VIT) == (1, 8, 8)
-    assert input_shape_for(ModelRef("resnet18", {})) == (3, 224, 224)
-    assert input_shape_for(ModelRef("vit_tiny_patch16_224", {"img_size": [16, 32]})) == (3, 16, 32)
+def test_model_input_shape_without_data_is_the_kwargs_else_the_arch_default():
+    assert model_input_shape(TINY_VIT) == (1, 8, 8)
+    assert model_input_shape(ModelRef("resnet18", {})) == (3, 224, 224)
+    assert model_input_shape(ModelRef("vit_tiny_patch16_224", {"img_size": [16, 32]})) == (3, 16, 32)
+
+
+def test_input_size_decides_the_shape_for_every_architecture():
+    """model.input_size wins over the data's size and the arch default, for CNNs too."""
+    cnn = ModelRef("convnext_atto", {}, input_size=(1, 32, 32))
+    assert model_input_shape(cnn, (1, 8, 8)) == model_input_shape(cnn) == (1, 32, 32)
+    assert model_input_shape(ModelRef("resnet18", {}), (1, 8, 8)) == (3, 8, 8)  # without it: the data's size
+    vit = ModelRef("deit_tiny_patch16_224", {"patch_size": 4}, input_size=(3, 32, 16))
+    assert model_input_shape(vit, (1, 8, 8)) == (3, 32, 16)
+
+
+def test_input_size_sets_in_chans_everywhere_and_img_size_only_for_fixed_size_archs():
+    assert timm_kwargs(ModelRef("resnet18", {"num_classes": 10}, input_size=(1, 8, 8))) == {
+        "num_classes": 10, "in_chans": 1}
+    assert timm_kwargs(ModelRef("vit_tiny_patch16_224", {"patch_size": 2}, input_size=(1, 8, 8))) == {
+        "patch_size": 2, "in_chans": 1, "img_size": (8, 8)}
+    assert timm_kwargs(ModelRef("resnet18", {"drop_rate": 0.1})) == {"drop_rate": 0.1}  # no input_size: as written
+
+
+def test_input_size_builds_a_cnn_and_a_vit_that_run_at_that_size(tmp_path):
+    """convnext_atto cannot run on 8x8 digits; with input_size [1, 32, 32] it builds for
+    one channel and runs, and its artifact rebuilds from the record alone."""
+    cnn = ModelRef("convnext_atto", {}, input_size=(1, 32, 32))
+    vit = ModelRef("vit_tiny_patch16_224", {"patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2},
+                   input_size=(1, 16, 16))
+    for i, ref in enumerate((cnn, vit)):
+        torch.manual_seed(0)
+        model = build_model(ref, 10).eval()
+        shape = model_input_shape(ref, (1, 8, 8))
+        with torch.no_grad():
+            assert model(torch.zeros(2, *shape)).shape == (2, 10)
+        save_artifact(model, root=str(tmp_path), key=f"k{i}", model_ref=ref, num_classes=10, input_shape=shape,
+                      materialized=True, compression={"chain": []})
+        loaded, manifest = load_artifact(str(tmp_path), f"k{i}")
+        assert manifest["input_shape"] == list(shape) and manifest["model"]["input_size"] == list(ref.input_size)
+        x = torch.randn(1, *shape)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
 
 
 # --------------------------------------------------------------------------- counting
@@ -354,9 +391,9 @@ def test_saving_an_existing_key_returns_the_existing_artifact(tmp_path):
 def test_losing_the_rename_race_returns_the_winner(tmp_path, monkeypatch):
     """The other process finishes between our existence check and our rename."""
     winner = _save(_vit(), tmp_path)
-    real_info = models.artifact_info
+    real_info = modelio.artifact_info
     calls = iter([None])  # the first check sees nothing yet
-    monkeypatch.setattr(models, "artifact_info", lambda root, key: next(calls, real_info(root, key)))
+    monkeypatch.setattr(modelio, "artifact_info", lambda root, key: next(calls, real_info(root, key)))
     torch.manual_seed(7)
     assert _save(build_model(TINY_VIT, 10), tmp_path) == winner
     assert [p.name for p in tmp_path.iterdir()] == ["k1"]

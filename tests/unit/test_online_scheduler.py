@@ -165,3 +165,74 @@ def test_a_stage_only_queued_for_a_busy_slot_is_not_reported_as_waiting() -> Non
     ((stage, _, _),) = p.place([a, b], [clean], [clean], {"k-pa": "pending", "k-pb": "pending"}, FakePlan([a, b]))
     assert stage is a and set(p.held) == {"k-pb"}  # planned after a, on the only slot: as fifo would
     assert p.held_notes([clean]) == {}
+
+
+def test_plans_on_stale_or_fallback_intensity_are_labelled_and_warned_once() -> None:
+    """Local data that stops covering the window: the next hour is planned on the last
+    series, labelled stale; a region that never had data gets the labelled fallback,
+    and a decision that compares it with another region carries the worse label."""
+    from orchestrator.carbon import CarbonDataError
+
+    class Failing(FakeProvider):
+        broken: set[str] = set()
+
+        def series(self, region: str, start: datetime, end: datetime, step_s: float) -> list[float]:
+            if region in self.broken:
+                raise CarbonDataError(f"carbon: trace {region}-2020-hourly does not cover the window")
+            return super().series(region, start, end, step_s)
+
+    provider = Failing({"DE": [400.0] * 72, "FR": [40.0] * 72})
+    provider.broken = {"PL"}
+    now, warnings = [T0], []
+    p = CarbonPlacer(policy="greedy-carbon", provider=provider, estimates=Estimates([], load_catalog()),
+                     warn=warnings.append, clock=lambda: now[0])
+    de, fr = slot("n-de", "cpu-xeon", "DE"), slot("n-fr", "cpu-xeon", "FR")
+    status = {"k-train": "pending"}
+    ((_, chosen, d),) = p.place([TRAIN], [fr], [fr], status, FakePlan([TRAIN]))
+    assert d["estimate_source"] == "catalog" and warnings == []
+    provider.broken = {"PL", "FR"}
+    now[0] = T0 + timedelta(hours=1)
+    p._dirty = True
+    ((_, chosen, d),) = p.place([TRAIN], [fr], [fr], status, FakePlan([TRAIN]))
+    assert d["estimate_source"] == "catalog+stale-intensity" and d["expected_intensity_g_per_kwh"] == pytest.approx(40.0)
+    (warning,) = warnings
+    assert "region 'FR' is not available for 2026-11-22 13:00 UTC" in warning and "does not cover the window" in warning
+    assert "series fetched 2026-11-22 12:00 UTC, labelled stale-intensity" in warning
+    p._dirty = True
+    p.place([TRAIN], [fr], [fr], status, FakePlan([TRAIN]))
+    assert len(warnings) == 1  # said once per change, not per re-plan
+    pl = slot("n-pl", "cpu-xeon", "PL")
+    p._dirty = True
+    ((_, chosen, d),) = p.place([TRAIN], [pl, de], [pl, de], status, FakePlan([TRAIN]))
+    assert chosen is de and d["fifo_region"] == "PL"  # fifo takes the first slot, priced at the fallback
+    assert d["estimate_source"] == "catalog+fallback-intensity"
+    assert "no carbon intensity for region 'PL'" in warnings[-1] and "fallback 475 g/kWh (static:iea-2019)" in warnings[-1]
+
+
+def test_when_no_plan_can_be_made_stages_go_on_by_fifo_and_it_is_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A carbon error while planning must not stall the sweep: fifo places the ready
+    stages (no carbon decision stored), the warning is given once, and planning is tried
+    again after REPLAN_S rather than on every tick."""
+    from orchestrator.carbon import CarbonDataError
+    from orchestrator.scheduler import online
+
+    dirty, clean = slot("n-de", "cpu-small", "DE"), slot("n-fr", "cpu-xeon", "FR")
+    warnings: list[str] = []
+    p = placer("greedy-carbon", {"DE": [400.0] * 72, "FR": [40.0] * 72})
+    p.warn = warnings.append
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise CarbonDataError("region 'DE': intensity table is damaged")
+
+    monkeypatch.setattr(p, "_replan", broken)
+    status = {"k-train": "pending", "k-ev-s": "pending", "k-ev-x": "pending"}
+    for _ in range(3):
+        ((stage, chosen, decision),) = p.place([TRAIN], [dirty, clean], [dirty, clean], status, PLAN)
+        assert stage is TRAIN and chosen is choose_slot(TRAIN, [dirty, clean]) and decision is None
+    assert len(calls) == 1 and len(warnings) == 1 and "placing by fifo" in warnings[0]
+    assert p.held == {}
+    monkeypatch.setattr(online.time, "monotonic", lambda: 10 ** 9)  # REPLAN_S later
+    p.place([TRAIN], [dirty, clean], [dirty, clean], status, PLAN)
+    assert len(calls) == 2 and len(warnings) == 1  # tried again; the same cause is not repeated

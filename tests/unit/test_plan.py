@@ -15,6 +15,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.plan import Plan, build_plan, canonical_json, root_key, stage_key
 from orchestrator.spec import SweepSpec, load_spec, parse_spec
+from workers.stages.registry import stage_label
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
@@ -263,10 +264,28 @@ def test_quickstart_shares_prefixes(qs: Plan):
 def test_quickstart_labels(qs: Plan):
     labels = [p.label for p in qs.points]
     assert labels[0] == "baseline"
-    assert "structured: prune(method=structured,mode=all,ratio=0.3)" in labels
-    assert ("structured-int8: prune(method=structured,mode=all,ratio=0.6) > "
-            "quantize(weights=int8,activations=int8)") in labels
+    assert "structured: prune(method=structured, ratio=0.3, mode=all)" in labels
+    assert ("structured-int8: prune(method=structured, ratio=0.6, mode=all) > "
+            "quantize(weights=int8, activations=int8)") in labels
+    # quickstart writes `activations: [none, int8]`: the default is left out of the label
+    assert "quantize: quantize(weights=int8)" in labels
+    assert len(set(labels)) == len(labels)  # defaults left out, every point still reads apart
     assert all(p.stage_labels[0] == "train" for p in qs.points)
+    # the plan labels a stage exactly as results and reports label the stored stage
+    for s in qs.stages:
+        if s.kind in ("prune", "quantize"):
+            assert s.label == stage_label(s.kind, s.params)
+
+
+def test_stage_label_is_params_minus_defaults():
+    full = {"method": "structured", "ratio": 0.5, "mode": "all", "importance": "l1"}
+    assert stage_label("prune", full) == "prune(method=structured, ratio=0.5, mode=all)"
+    assert (stage_label("prune", {**full, "importance": "l2"})
+            == "prune(method=structured, ratio=0.5, mode=all, importance=l2)")
+    assert stage_label("finetune", {"epochs": 10, "amp": False, "patience": None}) == "finetune(amp=false)"
+    assert stage_label("train", {"epochs": 30, "lr": 0.002}) == "train()"
+    # a kind this greensweep does not know (an old store): every parameter, JSON values
+    assert stage_label("qat", {"bits": 4, "layers": [1, 2], "on": True}) == "qat(bits=4, layers=[1,2], on=true)"
 
 
 # -- DAG invariants ------------------------------------------------------------------------
@@ -364,12 +383,12 @@ def test_descendants(qs: Plan):
     assert len(d) == len(set(d)) == 21 and set(d) == everything_else
 
     by_label = {s.label: s.key for s in qs.stages if s.kind == "prune"}
-    sp = by_label["prune(method=structured,mode=all,ratio=0.3)"]
+    sp = by_label["prune(method=structured, ratio=0.3, mode=all)"]
     d = qs.descendants(sp)
     assert Counter(qs.stage(k).kind for k in d) == {"quantize": 2, "evaluate": 3}
     assert all(sp in (qs.stage(k).parent_key, qs.stage(qs.stage(k).parent_key).parent_key) for k in d)
 
-    up = by_label["prune(method=unstructured,ratio=0.3)"]
+    up = by_label["prune(method=unstructured, ratio=0.3)"]
     d = qs.descendants(up)
     assert len(d) == 1 and qs.stage(d[0]).kind == "evaluate"
 

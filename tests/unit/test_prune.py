@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tests.unit.test_models import capturing_saves, reference_outputs, reload_in_subprocess
-from workers.models import build_model, load_artifact, save_artifact
+from workers.modelio import load_artifact, save_artifact
+from workers.models import build_model
 from workers.stages import prune
 from workers.types import DatasetRef, ModelRef, StageOutput, StageTask, WorkerEnv
 

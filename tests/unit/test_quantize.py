@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 from tests.unit.test_models import capturing_saves, reference_outputs, reload_in_subprocess
 from workers import data, models
 from workers.artifacts import STRUCTURE_FILE, artifact_dir
-from workers.models import build_model, load_artifact, save_artifact
+from workers.modelio import load_artifact, save_artifact
+from workers.models import build_model
 from workers.stages import prune, quantize
 from workers.types import DatasetRef, ModelRef, StageTask, WorkerEnv
 

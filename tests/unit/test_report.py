@@ -29,8 +29,20 @@ from orchestrator.report import (
     render_results,
 )
 from orchestrator.report.plots import prune_series, short_label
-from orchestrator.store.records import NodeRecord, ResultRow, StageRecord, SweepRecord
+from orchestrator.report.aggregate import result_row
+from orchestrator.report.savings import carbon_savings
+from orchestrator.store.records import (
+    EnergyRecord,
+    MeasurementRecord,
+    NodeRecord,
+    PlacementRecord,
+    PointRecord,
+    ResultRow,
+    StageRecord,
+    SweepRecord,
+)
 from tests.cli import run_cli as _call
+from workers.stages.registry import stage_label
 
 # ------------------------------------------------------------------ hand-built data
 
@@ -39,7 +51,7 @@ TRAIN = ("k-train", "train", {"epochs": 3}, "train(epochs=3)")
 
 def _prune(method: str, ratio: float, mode: str | None = None) -> tuple[str, str, dict[str, Any], str]:
     params = {"method": method, "ratio": ratio, **({"mode": mode} if mode else {})}
-    label = "prune(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+    label = stage_label("prune", params)  # e.g. "prune(method=structured, ratio=0.3, mode=all)"
     return f"k-{method}-{mode}-{ratio}", "prune", params, label
 
 
@@ -457,3 +469,82 @@ def test_store_rows_carry_chain_kinds_params_and_carbon_std(tmp_path: Path) -> N
     assert r.carbon_g_per_sample == pytest.approx(1.5e-5)
     assert r.carbon_g_per_sample_std == pytest.approx(((0.5e-5) ** 2 * 2) ** 0.5)
     assert {t: list(s) for t, s in prune_series([r]).items()} == {"local": ["structured/all"]}
+
+
+# ------------------------------------------------------- aggregation and savings, pure
+
+
+def _stage_rec(key: str, kind: str, params: dict[str, Any], status: str = "succeeded", *,
+           sweep_id: str = "sw-a", metrics: dict[str, Any] | None = None) -> StageRecord:
+    return StageRecord(sweep_id=sweep_id, key=key, kind=kind, params=params, parent_key=None, target=None,
+                       status=status, attempts=1, error=None, traceback=None, node_id="n1", started_at=None,
+                       finished_at=None, duration_s=1.0, metrics=metrics or {}, energy=None)
+
+
+def _repeat(i: int, *, cpu_j: float | None, idle_w: float | None = None, carbon_g: float | None = None,
+            samples: int = 100, top1: float = 0.5) -> MeasurementRecord:
+    energy = None if cpu_j is None else EnergyRecord(
+        gpu_energy_j=None, cpu_energy_j=cpu_j, dram_energy_j=None, gpu_source=None, cpu_source="rapl",
+        dram_source=None, gpu_idle_power_w=None, cpu_idle_power_w=idle_w, dram_idle_power_w=None,
+        carbon_g=carbon_g, intensity_g_per_kwh=100.0 if carbon_g else None,
+        intensity_source="static:FR" if carbon_g else None, intensity_kind="average" if carbon_g else None)
+    return MeasurementRecord(sweep_id="sw-a", stage_key="k-e", repeat=i, samples=samples, top1=top1, top5=0.9,
+                             duration_s=2.0, time_per_sample_s=0.02, throughput_samples_per_s=50.0, energy=energy)
+
+
+def _point(measurements: tuple[MeasurementRecord, ...], *, status: str = "succeeded",
+           measured_in: str | None = "sw-a") -> PointRecord:
+    prune = {"method": "structured", "ratio": 0.5, "mode": "all", "importance": "l1"}
+    evaluation = _stage_rec("k-e", "evaluate", {"target": "local"}, status, metrics={"params": 7})
+    measured = None if measured_in is None else replace(evaluation, sweep_id=measured_in, status="succeeded")
+    return PointRecord(sweep_id="sw-a", point_index=0, label="s: prune", pipeline="s", stage_keys=("k-t", "k-p"),
+                       chain=(_stage_rec("k-t", "train", {"epochs": 3}), None), target="local", eval_key="k-e",
+                       evaluation=evaluation, measured=measured, measurements=measurements if measured else (),
+                       artifact=None)
+
+
+def test_result_row_statistics_from_raw_records() -> None:
+    # two repeats of 100 samples: 40 J and 60 J gross, 5 W idle for 2 s -> 30 J and 50 J net
+    r = result_row(_point((_repeat(0, cpu_j=40.0, idle_w=5.0, carbon_g=1e-3, top1=0.4),
+                           _repeat(1, cpu_j=60.0, idle_w=5.0, carbon_g=3e-3, top1=0.6))))
+    assert r.repeats == 2 and r.top1 == pytest.approx(0.5) and r.top1_std == pytest.approx(0.02 ** 0.5)
+    assert r.energy_per_sample_j == pytest.approx(0.5) and r.cpu_energy_per_sample_j == pytest.approx(0.5)
+    assert r.net_energy_per_sample_j == pytest.approx(0.4)
+    assert r.gpu_energy_per_sample_j is None and r.energy_source == {"cpu": "rapl"} and r.idle_power_w == {"cpu": 5.0}
+    assert r.carbon_g_per_sample == pytest.approx(2e-5) and r.intensity_source == "static:FR"
+    # the chain is labelled by the one stage label; a key missing from the sweep shows as itself
+    assert r.stages == ("train(epochs=3)", "k-p") and r.stage_kinds == ("train", "")
+    assert r.params == 7  # no artifact: what the evaluation saw of the model
+
+
+def test_result_row_without_a_sensor_or_a_measurement() -> None:
+    one = result_row(_point((_repeat(0, cpu_j=None),)))
+    assert one.top1_std == 0.0  # a single repeat
+    assert one.energy_per_sample_j is None and one.net_energy_per_sample_j is None  # never a made-up 0 J
+    assert one.energy_source == {} and one.carbon_g_per_sample is None
+    failed = result_row(_point((), status="failed", measured_in=None))
+    assert failed.status == "failed" and failed.repeats == 0 and failed.top1 is None
+    assert failed.measured_in_sweep is None
+    reused = result_row(_point((_repeat(0, cpu_j=10.0),), status="reused", measured_in="sw-old"))
+    assert reused.status == "reused" and reused.measured_in_sweep == "sw-old" and reused.top1 == 0.5
+
+
+def test_carbon_savings_sums_known_figures() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def placed(key: str, expected: float | None, fifo: float | None, measured: float | None,
+               node: str = "n1") -> PlacementRecord:
+        return PlacementRecord(
+            sweep_id="sw-a", stage_key=key, kind="prune", stage_status="succeeded", policy="carbon",
+            decided_at=t0, node_id=node, node_type="cpu", region="FR", start_at=t0, expected_duration_s=1.0,
+            expected_energy_j=1.0, expected_intensity_g_per_kwh=50.0, expected_carbon_g=expected,
+            estimate_source="nominal", fifo_node_id="n1", fifo_node_type="cpu", fifo_region="DE",
+            fifo_start_at=t0, fifo_expected_energy_j=1.0, fifo_expected_intensity_g_per_kwh=400.0,
+            fifo_expected_carbon_g=fifo, measured_carbon_g=measured)
+
+    assert carbon_savings("sw-a", []) is None
+    s = carbon_savings("sw-a", [placed("a", 1.0, 4.0, None, node="n2"), placed("b", 1.0, 4.0, None)])
+    assert s is not None and s["saved_expected_g"] == 6.0 and s["saved_expected_pct"] == 75.0
+    assert s["measured_carbon_g"] is None  # nothing accounted yet: None, not 0 g
+    assert [st["moved"] for st in s["stages"]] == [True, False]
+    json.dumps(s)  # JSON-able as `carbon savings --json` prints it

@@ -318,8 +318,9 @@ def test_relative_paths_in_a_spec_elsewhere(tmp_path: Path, monkeypatch):
     import torch
 
     torch.save({"w": torch.zeros(2)}, proj / "ckpt" / "w.pt")  # a real weights-only file: it is checked
+    _write_imagefolder(proj / "data")  # its headers are read: it must be a dataset
     (proj / "spec.yaml").write_text(
-        "name: x\nmodel: {arch: vit_tiny_patch16_224, checkpoint: ckpt/w.pt}\n"
+        "name: x\nmodel: {arch: vit_tiny_patch16_224, checkpoint: ckpt/w.pt, kwargs: {num_classes: 2}}\n"
         "dataset: {name: imagefolder, path: data}\n")
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -336,6 +337,15 @@ def test_relative_paths_in_a_spec_elsewhere(tmp_path: Path, monkeypatch):
     # An absolute checkpoint path is used as is.
     absolute = text.replace("ckpt/w.pt", str(proj / "ckpt" / "w.pt")).replace("path: data", f"path: {proj / 'data'}")
     assert parse_spec(absolute, base_dir=other).model.checkpoint == spec.model.checkpoint
+
+
+def _write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), size: tuple[int, int] = (6, 6)) -> None:
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (size[1], size[0]), (40 * i, 0, 0)).save(root / c / f"{i}.png")
 
 
 def test_pretrained_without_train_evaluates_as_loaded():
@@ -390,3 +400,57 @@ def test_every_example_spec_parses_and_plans(path: Path) -> None:
 
     spec = load_spec(path)
     assert build_plan(spec).points
+
+
+# -- model.input_size and the checks that read more than the spec --------------------------
+
+
+def test_input_size_is_parsed_and_keys_change_only_when_it_is_given():
+    from orchestrator.plan import root_key
+
+    base = "name: x\nmodel: {arch: convnext_atto%s}\ndataset: {name: digits}\ntrain: {epochs: 1}\n"
+    with_size = parse_spec(base % ", input_size: [1, 32, 32]")
+    assert with_size.model.input_size == (1, 32, 32)
+    without = parse_spec(base % "", check_arch=False)  # convnext_atto cannot take 8x8 digits; keys only here
+    assert without.model.input_size is None
+    assert root_key(with_size) != root_key(without)
+    assert root_key(without) == root_key(dataclasses.replace(without, model=dataclasses.replace(without.model)))
+
+
+def test_more_classes_than_the_dataset_and_remote_data_still_plan(tmp_path: Path):
+    parse_spec("name: x\nmodel: {arch: resnet18, kwargs: {num_classes: 20}}\ndataset: {name: digits}\ntrain: {}\n")
+    # an options.root that does not exist here is data on the cluster: not read, still plans
+    spec = parse_spec("name: x\nmodel: {arch: resnet18}\ndataset: {name: cifar10, options: {root: nowhere}}\n"
+                      "train: {}\n", base_dir=tmp_path)
+    assert spec.dataset.options["root"] == str(tmp_path / "nowhere")
+
+
+def test_imagefolder_class_count_is_read_from_its_folders(tmp_path: Path):
+    _write_imagefolder(tmp_path / "data", classes=("a", "b", "c"))
+    text = "name: x\nmodel: {arch: resnet18, kwargs: {num_classes: 2}}\ndataset: {name: imagefolder, path: data}\ntrain: {}\n"
+    with pytest.raises(SpecError, match=r"^model\.kwargs\.num_classes: 2 is fewer than the 3 classes of dataset 'imagefolder'"):
+        parse_spec(text, base_dir=tmp_path)
+    assert parse_spec(text.replace("num_classes: 2", "num_classes: 3"), base_dir=tmp_path).model.kwargs["num_classes"] == 3
+
+
+def test_teacher_artifact_is_looked_up_under_the_artifact_root(tmp_path: Path):
+    import json
+
+    text = (f"name: x\n{TINY_MODEL}dataset: {{name: digits}}\ntrain: {{epochs: 1}}\n"
+            "pipelines: [{name: p, stages: [{distill: {teacher: 'artifact:abc123', epochs: 1}}]}]\n")
+    with pytest.raises(SpecError, match=r"^pipelines\[0\]\.stages\[0\]\.distill\.teacher: artifact abc123 does not exist"):
+        parse_spec(text, artifact_root=tmp_path)
+    d = tmp_path / "abc123"
+    d.mkdir()
+    (d / "weights.safetensors").write_bytes(b"w")
+    (d / "structure.json").write_text("{}")
+    (d / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    with pytest.raises(SpecError, match="artifact abc123 fails its checksum"):
+        parse_spec(text, artifact_root=tmp_path)
+    (d / "manifest.json").write_text(json.dumps({"sha256": hashlib.sha256(b"w").hexdigest()}))
+    assert parse_spec(text, artifact_root=tmp_path).pipelines[0].stages[0].kind == "distill"
+
+
+def test_spec_module_stays_torch_free_at_import():
+    code = "import sys, orchestrator.spec; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

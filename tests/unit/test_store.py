@@ -441,6 +441,18 @@ def test_reused_evaluation_reports_the_sweep_that_measured_it(store: Store) -> N
     assert row.top1 == pytest.approx(0.6)
     assert row.params == 1  # no artifact row for k-quant: the evaluation's metrics say it
 
+    # what results() aggregates: the raw, frozen records of each point, from the store
+    from orchestrator.report.aggregate import result_rows
+
+    point = store.points("sw-000000000002")[1]
+    assert point.evaluation.status == "reused" and point.measured is not None
+    assert point.measured.sweep_id == "sw-000000000001" and [m.repeat for m in point.measurements] == [0, 1]
+    assert [s.key if s else None for s in point.chain] == list(point.stage_keys) and point.artifact is None
+    with pytest.raises(AttributeError):
+        point.measurements[0].top1 = 1.0  # type: ignore[misc]
+    assert result_rows(store.points("sw-000000000002")) == store.results("sw-000000000002")
+    assert store.points("sw-000000000001")[0].measurements == ()  # k-eval0 never ran
+
 
 def test_create_sweep_writes_all_or_nothing(store: Store, db_url: str) -> None:
     with pytest.raises(StoreError) as info:

@@ -154,3 +154,17 @@ def test_read_only_open_of_an_empty_database_refuses_and_writes_nothing(db_url: 
         engine.dispose()
     with Store.open(db_url) as store:  # a writer creates the schema as before
         assert store.list_sweeps() == []
+
+
+def test_every_store_operation_is_in_the_documented_contract() -> None:
+    """The SQL store adds no public operation the contract (BaseStore) does not declare
+    and document, and leaves none of it abstract."""
+    import inspect
+
+    from orchestrator.store import BaseStore
+
+    public = {name for name in dir(Store) if not name.startswith("_")}
+    assert public - set(dir(BaseStore)) <= {"open", "masked_url"}  # how the SQL store is opened and named
+    assert not Store.__abstractmethods__
+    for name in public & set(dir(BaseStore)):
+        assert inspect.getdoc(getattr(Store, name)), f"Store.{name} has no contract docstring"

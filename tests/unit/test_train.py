@@ -33,7 +33,7 @@ def _task(root, *, key: str = "train-key", seed: int = 0, model: ModelRef = TINY
 
 
 def _weights(root, key: str) -> dict[str, torch.Tensor]:
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     model, _ = load_artifact(str(root), key)
     return model.state_dict()
@@ -78,7 +78,7 @@ def test_cosine_schedule_steps_once_per_epoch_over_all_epochs(five_epochs):
 
 
 def test_artifact_is_the_best_epoch_of_an_uncompressed_model(five_epochs):
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     task, out = five_epochs
     assert out.artifact is not None and out.artifact.key == task.key and out.artifact.materialized
@@ -111,7 +111,7 @@ def test_data_is_adapted_to_the_shape_the_model_is_built_for(tmp_path):
     model = ModelRef("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3})
     out = train.run(_task(tmp_path, model=model, epochs=2, lr=3e-3, batch_size=32), ENV)
     assert out.metrics["best_val_top1"] > 0.2  # chance is 0.1
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     assert load_artifact(str(tmp_path), "train-key")[1]["input_shape"] == [3, 16, 16]
 
@@ -140,7 +140,7 @@ def test_train_fine_tunes_from_a_checkpoint(tmp_path, five_epochs):
 
 
 def test_checkpoints_are_removed_once_the_artifact_is_saved(five_epochs):
-    from workers.training import checkpoint_dir
+    from workers.checkpoints import checkpoint_dir
 
     task, _ = five_epochs
     assert not checkpoint_dir(task).exists()

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from workers.checkpoints import checkpoint_dir
 from workers.data import load_dataset
 from workers.stages import train
 from workers.stages.registry import FinetuneParams, TrainParams
 from workers.training import (
     CrossEntropy,
-    checkpoint_dir,
     fit,
     flip_crop,
     lr_at_epoch,
@@ -146,7 +146,7 @@ def test_sum_readings_adds_windows_and_keeps_the_weakest_source():
 
 
 def _weights(root: Path, key: str) -> dict[str, torch.Tensor]:
-    from workers.models import load_artifact
+    from workers.modelio import load_artifact
 
     return load_artifact(str(root), key)[0].state_dict()
 

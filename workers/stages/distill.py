@@ -141,7 +141,8 @@ def load_teacher(task: StageTask, *, num_classes: int, data_shape: Sequence[int]
     teacher's class count is not ``num_classes``; loading errors are
     :class:`workers.models.ArtifactLoadError`.
     """
-    from workers.models import build_model, load_artifact
+    from workers.modelio import load_artifact
+    from workers.models import build_model
 
     source = str(task.params.get("teacher", ""))
     form, _, value = source.partition(":")
@@ -150,7 +151,7 @@ def load_teacher(task: StageTask, *, num_classes: int, data_shape: Sequence[int]
         shape = tuple(int(d) for d in manifest["input_shape"])
         teacher_classes = int(manifest["num_classes"])
     elif form == "checkpoint" and value:
-        ref = ModelRef(task.model.arch, dict(task.model.kwargs), checkpoint=value)
+        ref = ModelRef(task.model.arch, dict(task.model.kwargs), checkpoint=value, input_size=task.model.input_size)
         teacher_classes = int(ref.kwargs.get("num_classes", num_classes))
         shape = model_input_shape(ref, data_shape)
         model = build_model(ref, teacher_classes)

@@ -35,12 +35,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from workers.backends.base import Deployable, ThreadSettings
 from workers.data import load_dataset
 from workers.meters import DOMAINS, Meter, make_meter
 from workers.stages.registry import EvaluateParams
 from workers.types import EnergyReading, EvalRepeat, StageOutput, StageTask, WorkerEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# The runtime and precision every evaluation runs at until the spec can choose them.
+RUNTIME, PRECISION = "torch", "fp32"
 
 
 def run(task: StageTask, env: WorkerEnv) -> StageOutput:
@@ -56,7 +59,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     of :func:`_energy_metrics`.
     """
     params = EvaluateParams.model_validate(dict(task.params))
-    torch.set_num_threads(env.num_threads)
+    torch.set_num_threads(env.num_threads)  # loading and data preparation; the backend sets its own
     model, manifest = _load_model(task, env.device)
     model.eval()
     # The test split converted to the model's input (size, channels) before any timing.
@@ -72,26 +75,38 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
         zip(images.to(env.device).split(params.batch_size), labels.to(env.device).split(params.batch_size))
     )
     top_k = min(5, splits.num_classes)
+    deployable = _deploy(model, manifest, env, batches[0][0])
 
     meter = make_meter(env.device)
     if params.idle_s > 0:
         meter.measure_idle(params.idle_s)
     with torch.no_grad():
-        _warm_up(model, batches, params.warmup_batches, params.warmup_s, env.device)
+        _warm_up(deployable, batches, params.warmup_batches, params.warmup_s, env.device)
         repeats = tuple(
-            _measured_window(meter, model, batches, top_k, env.device, repeat, params.min_window_s)
+            _measured_window(meter, deployable, batches, top_k, env.device, repeat, params.min_window_s)
             for repeat in range(params.repeats)
         )
 
-    metrics = {**_artifact_metrics(manifest), **_protocol_metrics(params, repeats), **_energy_metrics(repeats, meter)}
+    metrics = {**_artifact_metrics(manifest), **_protocol_metrics(params, repeats), **_energy_metrics(repeats, meter),
+               "runtime": deployable.describe(), "deployable_size_bytes": deployable.size_bytes}
     return StageOutput(metrics=metrics, repeats=repeats)
 
 
-def _warm_up(model: nn.Module, batches: list[Batch], min_batches: int, min_s: float, device: str) -> None:
+def _deploy(model: nn.Module, manifest: dict[str, Any], env: WorkerEnv, example: torch.Tensor) -> Deployable:
+    """The model prepared by its runtime (torch eager: the module itself), with the
+    worker's CPUs as its intra-op threads."""
+    from workers.backends import get_backend
+
+    backend = get_backend(RUNTIME).load()
+    return backend.prepare(model, manifest, precision=PRECISION, device=env.device,
+                           threads=ThreadSettings(intra_op=env.num_threads), example=example, cache_dir=None)
+
+
+def _warm_up(model: Deployable, batches: list[Batch], min_batches: int, min_s: float, device: str) -> None:
     """Run batches, unmeasured, until both at least *min_batches* ran and *min_s* passed."""
     start, done = time.perf_counter(), 0
     while done < min_batches or time.perf_counter() - start < min_s:
-        model(batches[done % len(batches)][0])
+        model.run(batches[done % len(batches)][0])
         done += 1
         if device.startswith("cuda") and done % len(batches) == 0:
             torch.cuda.synchronize(device)
@@ -100,7 +115,8 @@ def _warm_up(model: nn.Module, batches: list[Batch], min_batches: int, min_s: fl
 def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]]:
     """The artifact to evaluate, or -- for a checkpoint or pretrained model evaluated as
     given (no stage before it) -- the root model, with the same manifest facts."""
-    from workers.models import count_macs, load_artifact, load_parent
+    from workers.modelio import load_artifact, load_parent
+    from workers.models import count_macs
 
     if task.parent_key is not None:
         return load_artifact(task.artifact_root, task.parent_key, device=device)
@@ -117,7 +133,7 @@ def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]
 
 
 def _measured_window(
-    meter: Meter, model: nn.Module, batches: list[Batch], top_k: int, device: str, repeat: int, min_window_s: float
+    meter: Meter, model: Deployable, batches: list[Batch], top_k: int, device: str, repeat: int, min_window_s: float
 ) -> EvalRepeat:
     """One meter window around whole passes over every batch, until it lasts
     ``min_window_s``; accuracy counted on-device over every pass."""
@@ -128,7 +144,7 @@ def _measured_window(
     start = time.perf_counter()
     while True:
         for images, labels in batches:
-            hits = model(images).topk(top_k, dim=1).indices == labels.unsqueeze(1)
+            hits = model.run(images).topk(top_k, dim=1).indices == labels.unsqueeze(1)
             correct_top1 += hits[:, 0].sum()
             correct_topk += hits.any(dim=1).sum()
         passes += 1

@@ -51,7 +51,8 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     and for ``heads`` also ``heads_before``/``heads_after`` (summed over modules). The
     energy is that of the pruning itself, not of loading or saving.
     """
-    from workers.models import count_macs, count_params, load_parent, save_child
+    from workers.modelio import load_parent, save_child
+    from workers.models import count_macs, count_params
 
     params = PruneParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)

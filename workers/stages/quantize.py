@@ -57,7 +57,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     """
     from optimum.quanto import freeze, quantize
 
-    from workers.models import load_parent, save_child
+    from workers.modelio import load_parent, save_child
 
     params = QuantizeParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)

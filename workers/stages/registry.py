@@ -1,12 +1,14 @@
 """The one place stage kinds are registered.
 
-Each kind names its parameter model (pydantic, validated at spec time on the
-coordinator, torch-free), the function that runs it on a worker (imported lazily, so the
-CLI never imports torch to validate a spec), whether it produces a model artifact, and
-whether it is *flexible* (may be placed on any capable node) or pinned to a target.
+Each kind declares (:class:`StageKind`) its parameter model (pydantic, validated at spec
+time on the coordinator, torch-free), the function that runs it on a worker (imported
+lazily, so the CLI never imports torch to validate a spec), whether it produces a model
+artifact and in which format, where it may run and whether it may wait for a cleaner
+window, its duration estimate before anything was measured, the parameters that name
+another model (and so what the stage reads), and its label.
 
-Nothing else in the code base switches on kind names: the spec, the planner and the
-coordinator look kinds up here.
+Nothing else in the code base switches on kind names: the spec, the planner, the
+coordinator, the scheduler and the reports look kinds up here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -156,14 +158,57 @@ class NoopParams(_Params):
     """A stage that does nothing and returns at once: it measures what the machinery
     itself costs per stage (``benchmarks/overhead.py``). ``index`` only tells otherwise
     identical stages apart, so each gets its own key; ``sleep_s`` makes it take that long
-    (tests of timeouts and queueing)."""
+    (tests of timeouts and queueing); ``hold_file`` makes it wait while that file exists
+    (at most ``hold_timeout_s``, then it fails), so a test that kills, cancels or times
+    out a running stage knows it is still running until the test deletes the file."""
 
     index: int = Field(0, ge=0)
     sleep_s: float = Field(0.0, ge=0, le=3600)
+    hold_file: str | None = None
+    hold_timeout_s: float = Field(900.0, gt=0, le=3600)
+
+
+# A parameter naming another model: the sweep's baseline, an artifact, or a file.
+BASELINE_REF = "baseline"
+ARTIFACT_PREFIX = "artifact:"
+CHECKPOINT_PREFIX = "checkpoint:"
+
+Role = Literal["baseline", "pipeline", "evaluation"]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage reads besides its parent artifact, known at plan time.
+
+    The coordinator ships exactly these to a node that shares no disk and waits for
+    nothing else; the planner derives them from the kind's declaration, so neither
+    interprets a kind's parameters itself.
+    """
+
+    artifacts: tuple[str, ...] = ()  # other artifacts, by stage key (e.g. a teacher)
+    files: tuple[tuple[str, str], ...] = ()  # (absolute path, sha256 taken at spec time)
+    # Stage keys of evaluations whose stored result this stage reads (a conditional
+    # stage that runs only if a sibling's evaluation says so); none of today's kinds.
+    evaluations: tuple[str, ...] = ()
+
+
+def _never(params: Mapping[str, Any]) -> bool:
+    return False
+
+
+def _torch_format(params: Mapping[str, Any]) -> str:
+    return "torch"
 
 
 @dataclass(frozen=True)
 class StageKind:
+    """Everything the rest of the system needs to know about a stage kind.
+
+    Adding a kind is its module (parameter model + runner) and one :func:`register_kind`
+    call; the spec, the planner, the coordinator, the scheduler, the progress display and
+    the reports read these fields and never switch on kind names.
+    """
+
     name: str
     params: type[_Params]
     # "module:function", imported on the worker; called as
@@ -171,33 +216,137 @@ class StageKind:
     runner: str
     produces_artifact: bool
     flexible: bool  # may run on any capable node (False: pinned to params.target)
-    # Internal kinds (benchmarks, tests) that a sweep spec may not name: the spec's kind
-    # lookup goes through PIPELINE_KINDS, which leaves them out.
+    # Where the kind sits in a sweep: "baseline" (the spec's top-level train: section,
+    # the root of every chain), "pipeline" (named inside pipelines:), "evaluation" (added
+    # by the planner for every chain and target).
+    role: Role = "pipeline"
+    # May be held back for a cleaner window by a carbon-aware policy (heavy work such as
+    # retraining); the spec's scheduling.flexible adds more kinds for one sweep.
+    may_wait: bool = False
+    # Expected duration on a node of relative speed 1 before anything was measured.
+    default_duration_s: float = 60.0
+    label: str = ""  # what the kind does, for people ("baseline training", ...)
+    # Parameters that name another model: "baseline" (the sweep's baseline model,
+    # resolved by the planner), "artifact:<key>" or "checkpoint:<path>" (a file the spec
+    # names, shipped with the stage and keyed by its content).
+    references: tuple[str, ...] = ()
+    # The artifact format a stage with these params produces ("torch": a torch module
+    # rebuilt from safetensors + JSON); execution backends declare the formats they run.
+    artifact_format: Callable[[Mapping[str, Any]], str] = _torch_format
+    # True when the zeros of this stage's output *are* its compression (unstructured
+    # masks): retraining a descendant must keep them at zero.
+    keeps_zeros: Callable[[Mapping[str, Any]], bool] = _never
+    # The parameter that is the x axis of the reports' compression curves (prune ratio).
+    curve_param: str | None = None
+    # Internal kinds (benchmarks, tests) that a sweep spec may not name.
     hidden: bool = False
 
     def load_runner(self) -> Callable[..., Any]:
         module, _, func = self.runner.partition(":")
         return getattr(importlib.import_module(module), func)
 
+    def resolve(self, params: Mapping[str, Any], baseline: str | None) -> dict[str, Any]:
+        """*params* with every ``baseline`` reference replaced by *baseline* (an
+        ``artifact:``/``checkpoint:`` reference to the sweep's baseline model).
 
-STAGE_KINDS: dict[str, StageKind] = {
-    k.name: k
-    for k in (
-        StageKind("train", TrainParams, "workers.stages.train:run", True, True),
-        StageKind("prune", PruneParams, "workers.stages.prune:run", True, True),
-        StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True),
-        StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True),
-        StageKind("distill", DistillParams, "workers.stages.distill:run", True, True),
-        StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False),
-        StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True, hidden=True),
-    )
-}
+        Raises ValueError naming the parameter when the sweep has no baseline model."""
+        out = dict(params)
+        for name in self.references:
+            if out.get(name) == BASELINE_REF:
+                if baseline is None:
+                    raise ValueError(f"{name} 'baseline' needs the sweep's baseline model")
+                out[name] = baseline
+        return out
 
-# Kinds a user may place inside a pipeline (train is the sweep's baseline; evaluate is
-# added by the planner for every target; hidden kinds are not for specs).
-PIPELINE_KINDS: tuple[str, ...] = tuple(
-    k for k, kind in STAGE_KINDS.items() if k not in ("train", "evaluate") and not kind.hidden
-)
+    def inputs(self, params: Mapping[str, Any], file_sha256: Mapping[str, str]) -> StageInputs:
+        """What a stage with (resolved) *params* reads; *file_sha256* maps every file
+        the spec names to its digest."""
+        artifacts, files = [], []
+        for name in self.references:
+            value = str(params.get(name) or "")
+            if value.startswith(ARTIFACT_PREFIX):
+                artifacts.append(value.removeprefix(ARTIFACT_PREFIX))
+            elif value.startswith(CHECKPOINT_PREFIX):
+                path = value.removeprefix(CHECKPOINT_PREFIX)
+                if path in file_sha256:
+                    files.append((path, file_sha256[path]))
+        return StageInputs(artifacts=tuple(artifacts), files=tuple(files))
+
+    def key_material(self, params: Mapping[str, Any], inputs: StageInputs) -> dict[str, Any]:
+        """What the stage key hashes: the params plus the content digest of each file a
+        reference names (``<param>_sha256``), so keys follow file content, not names."""
+        digests = dict(inputs.files)
+        out = dict(params)
+        for name in self.references:
+            value = str(params.get(name) or "")
+            if value.startswith(CHECKPOINT_PREFIX) and value.removeprefix(CHECKPOINT_PREFIX) in digests:
+                out[f"{name}_sha256"] = digests[value.removeprefix(CHECKPOINT_PREFIX)]
+        return out
+
+    def localize(self, params: Mapping[str, Any], path: str, local: str) -> dict[str, Any]:
+        """*params* reading the node-local copy *local* of the shipped file *path*."""
+        out = dict(params)
+        for name in self.references:
+            if out.get(name) == f"{CHECKPOINT_PREFIX}{path}":
+                out[name] = f"{CHECKPOINT_PREFIX}{local}"
+        return out
+
+
+def _unstructured(params: Mapping[str, Any]) -> bool:
+    return params.get("method") == "unstructured"
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_kind(kind: StageKind) -> StageKind:
+    """Register *kind* (replacing one of the same name) and return it. The one place a
+    kind becomes known to the spec, the planner, the coordinator and the reports."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind.name):
+        raise ValueError(f"stage kind name {kind.name!r}: use lower-case letters, digits and '_'")
+    if kind.role == "evaluation" and kind.produces_artifact:
+        raise ValueError(f"stage kind {kind.name!r}: an evaluation produces no artifact")
+    for name in kind.references:
+        if name not in kind.params.model_fields:
+            raise ValueError(f"stage kind {kind.name!r}: reference {name!r} is not one of its parameters")
+    STAGE_KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    """Forget *name* (tests that register a kind of their own)."""
+    STAGE_KINDS.pop(name, None)
+
+
+for _kind in (
+    StageKind("train", TrainParams, "workers.stages.train:run", True, True, role="baseline", may_wait=True,
+              default_duration_s=600.0, label="baseline training"),
+    StageKind("prune", PruneParams, "workers.stages.prune:run", True, True, label="pruning",
+              keeps_zeros=_unstructured, curve_param="ratio"),
+    StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True, label="quantization"),
+    StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True, may_wait=True,
+              default_duration_s=300.0, label="fine-tuning"),
+    StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
+              default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
+    StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
+              label="evaluation"),
+    StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True,
+              default_duration_s=1.0, label="no-op", hidden=True),
+):
+    register_kind(_kind)
+
+
+def pipeline_kinds() -> tuple[str, ...]:
+    """Kinds a user may place inside a pipeline (in registration order)."""
+    return tuple(k for k, kind in STAGE_KINDS.items() if kind.role == "pipeline" and not kind.hidden)
+
+
+def kind_with_role(role: Role) -> StageKind:
+    """The one registered kind with *role* ("baseline" or "evaluation")."""
+    found = [kind for kind in STAGE_KINDS.values() if kind.role == role]
+    if len(found) != 1:
+        raise LookupError(f"expected one stage kind with role {role!r}, found {[k.name for k in found]}")
+    return found[0]
 
 
 def get_kind(name: str) -> StageKind:
@@ -206,3 +355,43 @@ def get_kind(name: str) -> StageKind:
     except KeyError:
         known = ", ".join(k for k, kind in STAGE_KINDS.items() if not kind.hidden)
         raise KeyError(f"unknown stage kind {name!r}; known kinds: {known}") from None
+
+
+# ------------------------------------------------------------------ stage labels
+
+
+def stage_label(kind: str, params: Mapping[str, Any]) -> str:
+    """The one readable label of a stage, ``kind(name=value, ...)``: the planner's, the
+    progress lines', ``results``' and the reports', so a stage reads the same everywhere.
+
+    Shows the parameters that differ from the defaults of the kind's registered
+    parameter model, in *params* order, joined by ``", "``; strings are shown bare, other
+    values as compact JSON (``true``, ``null``, ``[1,2]``). Pass the full (validated)
+    parameters: the label then tells apart every two stages of a grid. A kind that is not
+    registered (a store written by another greensweep) shows every parameter.
+    """
+    registered = STAGE_KINDS.get(kind)
+    defaults = _param_defaults(registered.params) if registered is not None else {}
+    shown = [f"{name}={_label_value(value)}" for name, value in params.items()
+             if name not in defaults or defaults[name] != value]
+    return f"{kind}({', '.join(shown)})"
+
+
+_LABEL_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+def _param_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The parameter model's optional fields and their defaults (cached per model class,
+    so a kind registered again with another model is labelled by the new one)."""
+    cached = _LABEL_DEFAULTS.get(model)
+    if cached is None:
+        cached = {name: f.get_default(call_default_factory=True)
+                  for name, f in model.model_fields.items() if not f.is_required()}
+        _LABEL_DEFAULTS[model] = cached
+    return cached
+
+
+def _label_value(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)

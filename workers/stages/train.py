@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from workers.checkpoints import discard_checkpoints
 from workers.data import load_dataset
 from workers.stages.registry import TrainParams
 from workers.training import (
     CrossEntropy,
     check_model_takes,
-    discard_checkpoints,
     fit,
     model_input_shape,
     sum_readings,
@@ -46,7 +46,8 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     of the training loop (all epochs, validation included; not data loading, saving or
     checkpointing), epochs of an interrupted earlier attempt included.
     """
-    from workers.models import build_model, save_artifact
+    from workers.modelio import save_artifact
+    from workers.models import build_model
 
     if task.parent_key is not None:
         raise ValueError(f"train is a root stage and takes no parent artifact (got parent_key {task.parent_key!r})")

@@ -1,0 +1,147 @@
+"""Sweep points -> result rows: the statistics of ``greensweep results``.
+
+The store hands over each point's raw records (:class:`PointRecord`: the evaluate stage,
+its measured repeats, the chain's stages and the model's artifact); this module computes
+what :class:`ResultRow` reports over the repeats -- means and sample standard deviations
+of accuracy, time, energy and carbon per sample, gross and net of idle power, per energy
+domain. Pure: no store, no I/O, so every backend gets the same numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from orchestrator.store.records import MeasurementRecord, PointRecord, ResultRow
+
+DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram")
+
+Figure = Callable[[MeasurementRecord], "float | None"]  # one number of a repeat, None when it has none
+
+
+def result_rows(points: Iterable[PointRecord]) -> list[ResultRow]:
+    """:func:`result_row` of each point, in the given (point) order."""
+    return [result_row(p) for p in points]
+
+
+def result_row(point: PointRecord) -> ResultRow:
+    """The point's numbers over its measured repeats (``point.measurements``; empty unless
+    the evaluation succeeded or was reused, which leaves every metric None).
+
+    Model facts (params, MACs, on-disk bytes, materialized) come from the last compression
+    stage's artifact, else from what the evaluation itself saw of the model (its metrics).
+    Energy sources, idle power and the grid intensity are the first repeat's: one cohort
+    measures every repeat of a point alike.
+    """
+    from workers.stages.registry import stage_label  # pydantic: not imported by `import orchestrator.report`
+
+    ms = point.measurements
+    top1 = [m.top1 for m in ms]
+    top5 = [m.top5 for m in ms]
+    time_per_sample = [m.time_per_sample_s for m in ms]
+    energy_per_sample = per_sample(ms, total_energy_j)
+    carbon_per_sample = per_sample(ms, lambda m: m.energy.carbon_g if m.energy else None)
+    first = ms[0].energy if ms else None
+    sources: dict[str, str] = {}
+    idle_w: dict[str, float] = {}
+    if first is not None:
+        for domain in DOMAINS:
+            source = getattr(first, f"{domain}_source")
+            if source is not None:
+                sources[domain] = source
+            idle = getattr(first, f"{domain}_idle_power_w")
+            if idle is not None:
+                idle_w[domain] = idle
+    facts: Mapping[str, Any] = (
+        {"params": point.artifact.params, "macs": point.artifact.macs, "size_bytes": point.artifact.size_bytes,
+         "materialized": point.artifact.materialized}
+        if point.artifact is not None
+        else (point.measured or point.evaluation).metrics  # what the evaluation saw of the model
+    )
+    return ResultRow(
+        sweep_id=point.sweep_id,
+        point_index=point.point_index,
+        point=point.label,
+        pipeline=point.pipeline,
+        stage_keys=point.stage_keys,
+        stages=tuple(stage_label(s.kind, s.params) if s is not None else k
+                     for k, s in zip(point.stage_keys, point.chain)),
+        target=point.target,
+        eval_key=point.eval_key,
+        status=point.evaluation.status,
+        node_id=point.measured.node_id if point.measured is not None else point.evaluation.node_id,
+        measured_in_sweep=point.measured.sweep_id if point.measured is not None else None,
+        repeats=len(ms),
+        top1=mean(top1),
+        top1_std=std(top1),
+        top5=mean(top5),
+        top5_std=std(top5),
+        time_per_sample_s=mean(time_per_sample),
+        time_per_sample_s_std=std(time_per_sample),
+        throughput_samples_per_s=mean([m.throughput_samples_per_s for m in ms]),
+        energy_per_sample_j=mean(energy_per_sample),
+        energy_per_sample_j_std=std(energy_per_sample),
+        net_energy_per_sample_j=mean(per_sample(ms, net_energy_j)),
+        gpu_energy_per_sample_j=mean(per_sample(ms, _domain_energy("gpu"))),
+        cpu_energy_per_sample_j=mean(per_sample(ms, _domain_energy("cpu"))),
+        dram_energy_per_sample_j=mean(per_sample(ms, _domain_energy("dram"))),
+        energy_source=sources,
+        idle_power_w=idle_w,
+        carbon_g_per_sample=mean(carbon_per_sample),
+        carbon_g_per_sample_std=std(carbon_per_sample),
+        intensity_g_per_kwh=first.intensity_g_per_kwh if first is not None else None,
+        intensity_source=first.intensity_source if first is not None else None,
+        intensity_kind=first.intensity_kind if first is not None else None,
+        params=facts.get("params"),
+        macs=facts.get("macs"),
+        size_bytes=facts.get("size_bytes"),
+        materialized=facts.get("materialized"),
+        stage_kinds=tuple(s.kind if s is not None else "" for s in point.chain),
+        stage_params=tuple(dict(s.params) if s is not None else {} for s in point.chain),
+    )
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """Arithmetic mean; None for no values."""
+    return statistics.fmean(values) if values else None
+
+
+def std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation; 0.0 for a single value, None for none."""
+    if not values:
+        return None
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def per_sample(measurements: Sequence[MeasurementRecord], figure: Figure) -> list[float]:
+    """``figure(m) / m.samples`` of each repeat that has the figure and any samples."""
+    out = []
+    for m in measurements:
+        value = figure(m)
+        if value is not None and m.samples > 0:
+            out.append(value / m.samples)
+    return out
+
+
+def total_energy_j(m: MeasurementRecord) -> float | None:
+    """Gross energy of a repeat: every domain with a figure, idle included."""
+    return m.energy.total_energy_j if m.energy is not None else None
+
+
+def net_energy_j(m: MeasurementRecord) -> float | None:
+    """Gross energy minus idle power x duration, over the domains that have both an
+    energy figure and a sampled idle power; None when no domain has both."""
+    if m.energy is None or m.duration_s is None:
+        return None
+    parts = []
+    for domain in DOMAINS:
+        energy_j = getattr(m.energy, f"{domain}_energy_j")
+        idle_w = getattr(m.energy, f"{domain}_idle_power_w")
+        if energy_j is not None and idle_w is not None:
+            parts.append(energy_j - idle_w * m.duration_s)
+    return sum(parts) if parts else None
+
+
+def _domain_energy(domain: str) -> Figure:
+    return lambda m: getattr(m.energy, f"{domain}_energy_j") if m.energy is not None else None

@@ -1,0 +1,202 @@
+"""Mapping between ORM rows and what crosses the store's border.
+
+Outbound, ORM rows become the frozen records of :mod:`orchestrator.store.records`
+(readers never see a row); inbound, a worker's :class:`~workers.types.EnergyReading`
+becomes the meter columns of :class:`~orchestrator.store.models.EnergyColumns`. Nothing
+here opens a session or computes a statistic: aggregation is
+:mod:`orchestrator.report.aggregate`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.store.models import (
+    ArtifactModel,
+    EnergyColumns,
+    MeasurementModel,
+    NodeModel,
+    PlacementModel,
+    StageAttemptModel,
+    StageModel,
+    SweepModel,
+)
+from orchestrator.store.records import (
+    ArtifactRecord,
+    AttemptRecord,
+    EnergyRecord,
+    MeasurementRecord,
+    NodeRecord,
+    PlacementRecord,
+    StageRecord,
+    SweepRecord,
+)
+from workers.types import EnergyReading
+
+# ----------------------------------------------------------------- inbound
+
+
+def energy_values(energy: EnergyReading | None) -> dict[str, Any]:
+    """The meter columns of :class:`EnergyColumns` (not the carbon ones) for a reading;
+    all None when the stage reported no reading (never a made-up 0 J)."""
+    if energy is None:
+        return dict.fromkeys(METER_COLUMNS)
+    return {
+        "gpu_energy_j": energy.gpu_energy_j,
+        "cpu_energy_j": energy.cpu_energy_j,
+        "dram_energy_j": energy.dram_energy_j,
+        "gpu_energy_source": energy.gpu_source,
+        "cpu_energy_source": energy.cpu_source,
+        "dram_energy_source": energy.dram_source,
+        "gpu_idle_power_w": energy.gpu_idle_power_w,
+        "cpu_idle_power_w": energy.cpu_idle_power_w,
+        "dram_idle_power_w": energy.dram_idle_power_w,
+    }
+
+
+METER_COLUMNS: tuple[str, ...] = tuple(energy_values(EnergyReading(duration_s=0.0)))
+
+
+def first_line(text: str | None) -> str | None:
+    """The first non-blank line of an error text, stripped: stage errors are stored as
+    one line (the traceback has its own column)."""
+    if text is None:
+        return None
+    lines = [line.strip() for line in text.strip().splitlines()]
+    return lines[0] if lines else ""
+
+
+def total_energy_j(row: EnergyColumns) -> float | None:
+    """A row's energy over the domains that have a figure; None when none has one (the
+    carbon accounting then stores no grams rather than 0 g)."""
+    parts = [v for v in (row.gpu_energy_j, row.cpu_energy_j, row.dram_energy_j) if v is not None]
+    return sum(parts) if parts else None
+
+
+# ---------------------------------------------------------------- outbound
+
+
+def energy_record(row: EnergyColumns) -> EnergyRecord | None:
+    """The row's energy and carbon columns; None when every one is empty."""
+    record = EnergyRecord(
+        gpu_energy_j=row.gpu_energy_j,
+        cpu_energy_j=row.cpu_energy_j,
+        dram_energy_j=row.dram_energy_j,
+        gpu_source=row.gpu_energy_source,
+        cpu_source=row.cpu_energy_source,
+        dram_source=row.dram_energy_source,
+        gpu_idle_power_w=row.gpu_idle_power_w,
+        cpu_idle_power_w=row.cpu_idle_power_w,
+        dram_idle_power_w=row.dram_idle_power_w,
+        carbon_g=row.carbon_g,
+        intensity_g_per_kwh=row.intensity_g_per_kwh,
+        intensity_source=row.intensity_source,
+        intensity_kind=row.intensity_kind,
+    )
+    return None if all(v is None for v in vars(record).values()) else record
+
+
+def sweep_record(row: SweepModel) -> SweepRecord:
+    return SweepRecord(
+        id=row.id,
+        name=row.name,
+        spec_text=row.spec_text,
+        spec_hash=row.spec_hash,
+        status=row.status,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        artifact_root=row.artifact_root,
+        naive_stage_count=row.naive_stage_count,
+        unique_stage_count=row.unique_stage_count,
+        spec_dir=row.spec_dir,
+        options=dict(row.options or {}),
+        heartbeat_at=row.heartbeat_at,
+        coordinator=row.coordinator,
+        cancel_requested=bool(row.cancel_requested),
+    )
+
+
+def stage_record(row: StageModel) -> StageRecord:
+    return StageRecord(
+        sweep_id=row.sweep_id,
+        key=row.key,
+        kind=row.kind,
+        params=dict(row.params),
+        parent_key=row.parent_key,
+        target=row.target,
+        status=row.status,
+        attempts=row.attempts,
+        error=row.error,
+        traceback=row.traceback,
+        node_id=row.node_id,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        duration_s=row.duration_s,
+        metrics=dict(row.metrics),
+        energy=energy_record(row),
+    )
+
+
+def attempt_record(row: StageAttemptModel) -> AttemptRecord:
+    return AttemptRecord(
+        sweep_id=row.sweep_id,
+        stage_key=row.stage_key,
+        attempt=row.attempt,
+        node_id=row.node_id,
+        status=row.status,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        error=row.error,
+    )
+
+
+def artifact_record(row: ArtifactModel) -> ArtifactRecord:
+    return ArtifactRecord(
+        key=row.key,
+        kind=row.kind,
+        path=row.path,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        materialized=row.materialized,
+        params=row.params,
+        macs=row.macs,
+        compression=dict(row.compression),
+        created_at=row.created_at,
+        created_by_sweep=row.created_by_sweep,
+    )
+
+
+def measurement_record(row: MeasurementModel) -> MeasurementRecord:
+    return MeasurementRecord(
+        sweep_id=row.sweep_id,
+        stage_key=row.stage_key,
+        repeat=row.repeat,
+        samples=row.samples,
+        top1=row.top1,
+        top5=row.top5,
+        duration_s=row.duration_s,
+        time_per_sample_s=row.time_per_sample_s,
+        throughput_samples_per_s=row.throughput_samples_per_s,
+        energy=energy_record(row),
+    )
+
+
+def node_record(row: NodeModel) -> NodeRecord:
+    return NodeRecord(
+        node_id=row.node_id,
+        node_type=row.node_type,
+        region=row.region,
+        hostname=row.hostname,
+        hardware=dict(row.hardware),
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+    )
+
+
+def placement_record(row: PlacementModel, kind: str, stage_status: str,
+                     measured_carbon_g: float | None) -> PlacementRecord:
+    """A placement row joined with its stage's kind, status and accounted carbon."""
+    values = {c.name: getattr(row, c.name) for c in PlacementModel.__table__.columns}
+    return PlacementRecord(**values, kind=kind, stage_status=stage_status,
+                           measured_carbon_g=None if measured_carbon_g is None else float(measured_carbon_g))
