@@ -11,7 +11,7 @@ STAMP := $(VENV)/.greensweep-installed
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip 'setuptools>=77'
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,runtimes]'
 	@touch $(STAMP)
 
 install: $(STAMP)

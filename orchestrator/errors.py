@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from workers.util import first_line  # noqa: F401  (re-exported: the one rule lives there)
+
 
 class GreensweepError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
@@ -59,10 +61,6 @@ class StageFailedError(GreensweepError):
     exit_code = 1
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of *exc*'s message, or its class name when the message is empty."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else exc.__class__.__name__
 
 
 # The password runs to the *last* '@' of the URL: an unencoded '@' or '/' in a password

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.carbon.base import J_PER_KWH
 from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:
@@ -117,7 +118,6 @@ EMISSIONS_FIELDS: tuple[str, ...] = (
     "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
 )
 
-J_PER_KWH = 3.6e6
 BYTES_PER_GB = 1024**3  # CodeCarbon's "GB" of RAM is 2**30 bytes
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S"  # CodeCarbon's; greensweep writes UTC
 _DEVICE_SOURCES = frozenset({"nvml-counter", "nvml-power", "rapl"})  # whole-device counters

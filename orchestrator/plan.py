@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import SweepSpec
+from workers.util import canonical_json
 from workers.stages.registry import (
     ARTIFACT_PREFIX,
     CHECKPOINT_PREFIX,
@@ -29,10 +30,6 @@ from workers.stages.registry import (
 )
 
 KEY_HEX_CHARS = 24  # 96 bits: collisions are not a practical concern for sweeps
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def stage_key(parent_key: str, kind: str, params: Mapping[str, Any]) -> str:

@@ -38,9 +38,9 @@ _FINISHED_OK = ("succeeded", "reused")
 
 def _role(kind: str) -> str | None:
     """The kind's registered role (None for a kind this coordinator does not know)."""
-    from workers.stages.registry import STAGE_KINDS
+    from workers.stages.registry import find_kind
 
-    known = STAGE_KINDS.get(kind)
+    known = find_kind(kind)
     return known.role if known is not None else None
 
 

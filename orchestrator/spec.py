@@ -49,7 +49,7 @@ from orchestrator.errors import SpecError
 from orchestrator.spec_file import _pydantic_error, _SpecFile
 from orchestrator.spec_checks import check_checkpoint, check_environment, check_timm_arch
 from orchestrator.spec_yaml import load_yaml
-from workers.stages.registry import STAGE_KINDS, EvaluateParams, TrainParams, get_kind, pipeline_kinds
+from workers.stages.registry import STAGE_KINDS, EvaluateParams, TrainParams, find_kind, get_kind, pipeline_kinds
 from workers.util import canonical_json, sha256_file
 
 DEFAULT_ARTIFACTS = "./.greensweep/artifacts"  # as orchestrator.cli; GREENSWEEP_ARTIFACTS overrides
@@ -179,7 +179,7 @@ def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
             f"({', '.join(pipeline_kinds())}), e.g. '- prune: {{method: structured, ratio: 0.5}}'"
         )
     (kind, params), = raw.items()
-    known = STAGE_KINDS.get(kind) if isinstance(kind, str) else None
+    known = find_kind(kind)
     if known is not None and not known.hidden and known.role != "pipeline":
         section = "train" if known.role == "baseline" else "evaluate"  # the spec sections of these roles
         raise SpecError(f"{path}: {kind!r} is not a pipeline stage -- use the top-level '{section}:' section; "

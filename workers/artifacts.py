@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from workers.util import sha256_file
+
 WEIGHTS_FILE = "weights.safetensors"
 STRUCTURE_FILE = "structure.json"
 MANIFEST_FILE = "manifest.json"
@@ -20,14 +22,6 @@ MANIFEST_FILE = "manifest.json"
 
 def artifact_dir(root: str | Path, key: str) -> Path:
     return Path(root) / key
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(root: str | Path, key: str) -> dict[str, Any] | None:

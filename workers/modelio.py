@@ -72,6 +72,7 @@ from workers.models import (
     weights_size_bytes,
 )
 from workers.types import ArtifactInfo, ModelRef, StageTask
+from workers.util import write_durably
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -151,9 +152,9 @@ def save_artifact(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
-        _write_durably(tmp / WEIGHTS_FILE, weights)
-        _write_durably(tmp / STRUCTURE_FILE, _to_json(structure))
-        _write_durably(tmp / MANIFEST_FILE, _to_json(manifest))  # last: its presence marks completeness
+        write_durably(tmp / WEIGHTS_FILE, weights)
+        write_durably(tmp / STRUCTURE_FILE, _to_json(structure))
+        write_durably(tmp / MANIFEST_FILE, _to_json(manifest))  # last: its presence marks completeness
         winner = _move_into_place(tmp, root, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless we lost a race or failed
@@ -462,13 +463,6 @@ def _info(root: str, key: str, manifest: Mapping[str, Any]) -> ArtifactInfo:
 def _check_key(key: str) -> None:
     if not key or key.startswith(".") or "/" in key or "\\" in key or os.sep in key:
         raise ValueError(f"artifact key {key!r} must be a plain directory name (no path separators, no leading dot)")
-
-
-def _write_durably(path: Path, data: bytes | str) -> None:
-    with open(path, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _to_json(obj: Any) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from workers.types import ModelRef
+from workers.util import first_line
 
 __all__ = [
     "ArtifactLoadError",
@@ -371,10 +372,3 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         storages.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
-
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of *exc*'s message, or its class name when the message is empty."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -164,9 +164,9 @@ def keep_zero_masks(model: nn.Module, chain: Sequence[Mapping[str, Any]]) -> lis
     with its keep-mask (True where the weight is non-zero), so retraining can keep the
     pruned weights at zero. Retraining without them would silently re-densify a model
     whose artifact still claims its sparsity. Empty when nothing was pruned that way."""
-    from workers.stages.registry import STAGE_KINDS
+    from workers.stages.registry import find_kind
 
-    if not any(kind.keeps_zeros(step) for step in chain if (kind := STAGE_KINDS.get(step.get("kind", ""))) is not None):
+    if not any(kind.keeps_zeros(step) for step in chain if (kind := find_kind(step.get("kind"))) is not None):
         return []
     masks = []
     for module in model.modules():

@@ -9,7 +9,8 @@ workers.util`` costs nothing on the coordinator.
 - :func:`write_durably` / :func:`fsync_dir` -- a file whose bytes are on disk before it
   is renamed into place, and a rename that survives a power cut;
 - :func:`sha256_file` -- the digest that artifacts and shipped files are checked by;
-- :func:`canonical_json` -- the exact bytes stage keys and spec fingerprints hash.
+- :func:`canonical_json` -- the exact bytes stage keys and spec fingerprints hash;
+- :data:`J_PER_KWH` -- the one joules-per-kilowatt-hour constant.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["canonical_json", "first_line", "fsync_dir", "sha256_file", "write_durably"]
+__all__ = ["J_PER_KWH", "canonical_json", "first_line", "fsync_dir", "sha256_file", "write_durably"]
+
+J_PER_KWH = 3.6e6  # joules in a kilowatt-hour: every energy-to-carbon conversion divides by it
 
 
 def first_line(error: BaseException | str, *, limit: int | None = None) -> str:

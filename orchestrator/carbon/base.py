@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal, Sequence
 
 from orchestrator.errors import GreensweepError
+from workers.util import J_PER_KWH  # noqa: F401  (re-exported)
 
 Kind = Literal["average", "marginal", "forecast"]
 KINDS: tuple[Kind, ...] = ("average", "marginal", "forecast")
@@ -36,7 +37,6 @@ KINDS: tuple[Kind, ...] = ("average", "marginal", "forecast")
 # cannot tell without asking a remote API (HTTP providers).
 RegionStatus = Literal["known", "fallback", "unknown", "unchecked"]
 
-J_PER_KWH = 3.6e6
 _KNOWN_SHOWN = 12  # how many known regions an error message lists
 
 

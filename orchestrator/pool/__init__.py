@@ -44,6 +44,20 @@ class Completion:
     lost: str | None = None
 
 
+class SlotBook:
+    """The slot bookkeeping every pool shares: the live ``slots`` and the ``lost_nodes``
+    whose slot :meth:`drop` removed."""
+
+    slots: list[Slot]
+    lost_nodes: list[NodeInfo]
+
+    def drop(self, slot: Slot) -> None:
+        """Remove *slot* (its node left the cluster); its node joins ``lost_nodes``."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+            self.lost_nodes.append(slot.node)
+
+
 class WorkerPool(Protocol):
     """Runs stage tasks on node slots; see the module docstring for the contract.
 

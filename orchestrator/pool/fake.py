@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 from orchestrator.cluster import NodeInfo
-from orchestrator.pool import Completion, Shipment
+from orchestrator.pool import Completion, Shipment, SlotBook
 from orchestrator.scheduler import Slot
 from workers.types import StageResult, StageTask
 
@@ -89,7 +89,7 @@ class _Call:
     then: Succeed | Fail | None = None
 
 
-class FakeWorkerPool:
+class FakeWorkerPool(SlotBook):
     """:class:`~orchestrator.pool.WorkerPool` whose stages run in the calling thread.
 
     *script* (default: every stage succeeds at once) decides each stage's step when it
@@ -186,11 +186,6 @@ class FakeWorkerPool:
             self.restarts += 1
             slot.handle += 1
             return True
-
-    def drop(self, slot: Slot) -> None:
-        if slot in self.slots:
-            self.slots.remove(slot)
-            self.lost_nodes.append(slot.node)
 
     def alive_node_ids(self) -> set[str]:
         return set(self._alive)

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any, Hashable, Sequence
 
 from orchestrator.cluster import NodeInfo
-from orchestrator.pool import Completion, Shipment
+from orchestrator.pool import Completion, Shipment, SlotBook
 from orchestrator.scheduler import Slot
 from workers.types import StageResult, StageTask
+from workers.util import first_line
 
 PROGRESS_TIMEOUT_S = 30.0  # a worker that does not report its progress by then is skipped this time
 ACTOR_START_TIMEOUT_S = 180.0  # a worker actor that does not answer by then is reported
@@ -23,10 +24,10 @@ RESTART_TIMEOUT_S = 60.0  # a replacement worker that does not answer by then: i
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
-    return " ".join(str(e).split())[:limit]
+    return first_line(e, limit=limit)
 
 
-class RayWorkerPool:
+class RayWorkerPool(SlotBook):
     """:class:`~orchestrator.pool.WorkerPool` on Ray.
 
     With *cache_dir* (artifact transfer ``object-store``: nodes share no disk) each worker
@@ -137,11 +138,6 @@ class RayWorkerPool:
         except ray.exceptions.RayError:
             return False
         return True
-
-    def drop(self, slot: Slot) -> None:
-        if slot in self.slots:
-            self.slots.remove(slot)
-            self.lost_nodes.append(slot.node)
 
     def alive_node_ids(self) -> set[str]:
         import ray

@@ -97,17 +97,17 @@ def pareto_png(fronts: Sequence[TargetFront], x: Metric, y: Metric) -> bytes:
 
 def _curve_param(kind: str) -> str | None:
     """The parameter a kind declares as the x axis of compression curves (prune: ratio)."""
-    from workers.stages.registry import STAGE_KINDS
+    from workers.stages.registry import find_kind
 
-    known = STAGE_KINDS.get(kind)
+    known = find_kind(kind)
     return known.curve_param if known is not None else None
 
 
 def _is_root(kind: str) -> bool:
     """The sweep's baseline training: shared by every chain, not part of a series name."""
-    from workers.stages.registry import STAGE_KINDS
+    from workers.stages.registry import find_kind
 
-    known = STAGE_KINDS.get(kind)
+    known = find_kind(kind)
     return known is not None and known.role == "baseline"
 
 

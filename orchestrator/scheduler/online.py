@@ -37,7 +37,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
 from orchestrator.scheduler import Slot, choose_slot, compatible
-from workers.stages.registry import STAGE_KINDS
+from workers.stages.registry import STAGE_KINDS, find_kind
+from workers.util import J_PER_KWH
 
 REPLAN_S = 30.0
 STEP_S = 3600.0  # intensity series resolution (the shipped traces and the APIs are hourly)
@@ -51,7 +52,7 @@ DEFAULT_POWER_W = 100.0  # a node type missing from the catalog
 def _default_duration_s(kind: str) -> float:
     """The kind's registered estimate before anything was measured (60 s for a kind
     this coordinator does not know)."""
-    known = STAGE_KINDS.get(kind)
+    known = find_kind(kind)
     return known.default_duration_s if known is not None else 60.0
 
 
@@ -338,7 +339,7 @@ class CarbonPlacer:
         fifo_est = self.estimates.get(stage.kind, fifo_node.node_type)
 
         def mean_intensity(g: float, e: Estimate) -> float | None:
-            kwh = e.power_w * e.duration_s / 3.6e6
+            kwh = e.power_w * e.duration_s / J_PER_KWH
             return g / kwh if kwh > 0 else None
 
         return {

@@ -32,6 +32,7 @@ from orchestrator.store.records import (
     SweepRecord,
 )
 from workers.types import EnergyReading
+from workers.util import first_line as _first_line
 
 # ----------------------------------------------------------------- inbound
 
@@ -60,10 +61,7 @@ METER_COLUMNS: tuple[str, ...] = tuple(energy_values(EnergyReading(duration_s=0.
 def first_line(text: str | None) -> str | None:
     """The first non-blank line of an error text, stripped: stage errors are stored as
     one line (the traceback has its own column)."""
-    if text is None:
-        return None
-    lines = [line.strip() for line in text.strip().splitlines()]
-    return lines[0] if lines else ""
+    return None if text is None else _first_line(text)
 
 
 def total_energy_j(row: EnergyColumns) -> float | None:

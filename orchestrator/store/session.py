@@ -29,6 +29,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.errors import StoreError, mask_url
+from workers.util import first_line
 
 ENV_DB_URL = "GREENSWEEP_DB_URL"
 DEFAULT_DB_URL = "sqlite:///./.greensweep/greensweep.db"
@@ -51,8 +52,7 @@ def default_db_url() -> str:
 def one_line(error: BaseException) -> str:
     """The first line of a (DBAPI) error message, with passwords masked."""
     orig = getattr(error, "orig", None)  # SQLAlchemy wraps the driver's exception
-    text = str(orig if orig is not None else error).strip()
-    return mask_url(text.splitlines()[0].strip() if text else type(error).__name__)
+    return mask_url(first_line(orig if orig is not None else error))
 
 
 def _parse(url: str) -> URL:

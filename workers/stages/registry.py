@@ -349,6 +349,12 @@ def kind_with_role(role: Role) -> StageKind:
     return found[0]
 
 
+def find_kind(name: Any) -> StageKind | None:
+    """The registered kind called *name*, or None (a kind this process does not know --
+    a store written by another greensweep -- or not a string at all)."""
+    return STAGE_KINDS.get(name) if isinstance(name, str) else None
+
+
 def get_kind(name: str) -> StageKind:
     try:
         return STAGE_KINDS[name]

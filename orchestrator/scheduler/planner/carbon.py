@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.scheduler.instance import Instance
+from workers.util import J_PER_KWH as _J_PER_KWH
 
-_J_PER_KWH = 3.6e6
 _TABLE_BYTES = 64 << 20  # cap on the cached breakpoint tables; past it, tables are per task
 _WINDOW_SUM_STEPS = 64  # runs up to this many steps: carbon from plain window sums (exact ties)
 
