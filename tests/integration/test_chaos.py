@@ -288,6 +288,10 @@ def test_node_loss_replaces_stages_and_fails_the_lost_type_by_name(tmp_path: Pat
                 removed["type"] = next(n.node_type for n in store.nodes() if n.node_id == train.node_id)
                 removed["sweep"] = sweep_id
                 cluster._simulated.remove_node(victim, allow_graceful=False)
+                # Released only once the loss is recorded: a worker of the removed node can
+                # outlive its raylet for a moment, and released it would finish the training.
+                _wait_for(lambda: any(a.status == "lost" for a in store.attempts(sweep_id, train.key)), WAIT_S,
+                          "the coordinator to record the training's loss")
         except BaseException as e:  # noqa: BLE001 - reported by the test
             failures.append(e)
         finally:
