@@ -192,6 +192,12 @@ class Coordinator:
         if not get_kind(stage.kind).produces_artifact or stage.key in self.claimed:
             return True
         holder = self.store.claim_artifact(stage.key, self.sweep_id, stale_after_s=self.options.stale_after_s)
+        if holder is None and verified_manifest(self.artifact_root, stage.key) is not None:
+            # Another sweep built it and let go between this sweep's reuse check and its
+            # claim (seen with four sweeps on a loaded 2-core machine): reuse, not rebuild.
+            self.store.release_artifact(stage.key, self.sweep_id)
+            self._try_reuse(stage)
+            return False
         if holder is None:
             self.claimed.add(stage.key)
             self.waiting_on.pop(stage.key, None)

@@ -476,3 +476,27 @@ def test_a_failing_carbon_provider_loses_the_figure_not_the_result(store, tmp_pa
     coord.carbon = Down()
     assert coord.run().status == "succeeded"
     assert any("no carbon figure for noop(0)" in msg and "HTTP 503" in msg for msg, _ in events.named("warning"))
+
+
+def test_an_artifact_another_sweep_finished_just_before_the_claim_is_reused_not_rebuilt(store, tmp_path,
+                                                                                         monkeypatch):
+    """The reuse check and the claim are two steps: another sweep can finish the artifact
+    and release its claim in between. The claim then finds the artifact and reuses it."""
+    plan = make_plan([("train", None, None)])
+    key = plan.stages[0].key
+    built: dict[str, dict[str, Any]] = {}
+    manifest = {"size_bytes": 1, "sha256": "0" * 64, "materialized": True, "params": 1, "macs": 1}
+    monkeypatch.setattr(coordinator_module, "verified_manifest", lambda root, k: built.get(k))
+    claim = store.claim_artifact
+
+    def claim_after_the_other_sweep_finished(k: str, sweep_id: str, **kw: Any) -> str | None:
+        built[k] = manifest  # the other sweep's artifact appears, its claim is gone
+        return claim(k, sweep_id, **kw)
+
+    monkeypatch.setattr(store, "claim_artifact", claim_after_the_other_sweep_finished)
+    pool = FakeWorkerPool([node(1)])
+    coord, _ = make_coordinator(store, tmp_path, plan, pool)
+    outcome = coord.run()
+    assert pool.calls == []  # nothing ran
+    assert [st.status for st in store.stages(outcome.sweep_id) if st.key == key] == ["reused"]
+    assert store.claim_artifact(key, "sw-other", stale_after_s=60.0) is None  # released
