@@ -441,6 +441,37 @@ def require_targets(nodes: list[NodeInfo], targets: tuple[str, ...]) -> None:
             )
 
 
+def require_runtimes(plan: Any, nodes: list[NodeInfo], facts: Mapping[str, Mapping[str, Any]]) -> None:
+    """Fail before any work starts when an evaluation's runtime is not installed on a
+    live node of its target, or cannot run its precision on that node's device kind
+    (*facts*: :meth:`~orchestrator.pool.WorkerPool.hardware`, read on each node)."""
+    from workers.backends import get_backend
+
+    asked = sorted({(s.target, s.params.get("runtime", "torch"), s.params.get("precision", "fp32"))
+                    for s in plan.stages if s.target is not None})
+    for target, runtime, precision in asked:
+        spec = get_backend(runtime)
+        for node in (n for n in nodes if n.node_type == target):
+            installed = (facts.get(node.node_id, {}).get("runtimes") or {}).get(runtime)
+            if installed is None:
+                raise ClusterError(
+                    f"evaluate.runtimes: {runtime} is not installed on node {node.node_id[:12]} ({target}) -- "
+                    f"pip install {spec.install_hint(device_kind(node))} on that node, or remove the runtime"
+                )
+            reason = spec.pairing(None, precision, device_kind(node))
+            if reason is None:  # the node's own answer: CPU features, providers, capabilities
+                checked = (facts.get(node.node_id, {}).get("precisions") or {}).get(runtime) or {}
+                reason = checked.get(precision)
+            if reason is not None:
+                raise ClusterError(f"evaluate.precision: {reason} ({target} node {node.node_id[:12]}) -- remove "
+                                   f"{precision} or the target")
+
+
+def device_kind(node: NodeInfo) -> str:
+    """The device kind an evaluation on *node* runs on: ``cuda`` where it has a GPU."""
+    return "cuda" if node.num_gpus > 0 else "cpu"
+
+
 def _simulated_hint(node_type: str) -> str:
     """How to try *node_type* on one machine, when the shipped simulated cluster has it."""
     from orchestrator.catalog import CLUSTERS_DIR, load_simulated_cluster

@@ -35,11 +35,11 @@ if TYPE_CHECKING:
 
 # pandas dtypes per RESULT_FIELDS column; nullable where a figure may be missing. Columns
 # not listed (labels, lists, dicts) stay ``object``.
-_INT_COLUMNS = ("point_index", "repeats", "params", "macs", "size_bytes")
+_INT_COLUMNS = ("point_index", "repeats", "params", "macs", "size_bytes", "deployable_size_bytes")
 _FLOAT_COLUMNS = (
     "top1", "top1_std", "top5", "time_per_sample_s", "time_per_sample_s_std", "throughput_samples_per_s",
     "energy_per_sample_j", "energy_per_sample_j_std", "net_energy_per_sample_j", "gpu_energy_per_sample_j",
-    "cpu_energy_per_sample_j", "dram_energy_per_sample_j", "carbon_g_per_sample", "intensity_g_per_kwh",
+    "cpu_energy_per_sample_j", "dram_energy_per_sample_j", "carbon_g_per_sample", "intensity_g_per_kwh", "top1_agreement",
 )
 _BOOL_COLUMNS = ("materialized",)
 

@@ -6,19 +6,23 @@ kwargs, checkpoint content, dataset, seed). Two sweep points that share a prefix
 prune ratio, different quantization) therefore share those stage nodes, and the prefix
 runs once. Artifacts are stored under the same key, so a later sweep reuses them.
 
-Evaluate stages are added for every (chain, target) pair; their key includes the target
-and the protocol, so the same model evaluated on two node types is two stages.
+Evaluate stages are added for every (chain, target, runtime, precision) combination whose
+runtime can run the chain's model at that precision (the chain's artifact format against
+the formats each backend declares; the rest are listed as ``unpaired``, not errors unless
+nothing is left). Their key includes the target, the runtime, the precision and the
+protocol -- runtime and precision only when they are not the torch / fp32 defaults, so the
+keys of stores written before there were runtimes stay valid.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from orchestrator.errors import SpecError
 from orchestrator.spec import SweepSpec
+from workers.backends import BACKENDS, get_backend
 from workers.util import canonical_json
 from workers.stages.registry import (
     ARTIFACT_PREFIX,
@@ -76,6 +80,20 @@ class PlannedPoint:
     stage_labels: tuple[str, ...]
     target: str
     eval_key: str
+    runtime: str = "torch"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """A (chain, target, runtime, precision) combination of the grid that is not a
+    point: the runtime cannot run the chain's model at that precision."""
+
+    label: str  # the chain's point label
+    target: str
+    runtime: str
+    precision: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class Plan:
     stages: tuple[PlannedStage, ...]  # unique, parents before children
     points: tuple[PlannedPoint, ...]
     naive_stage_count: int  # stages a per-point runner (one chain per point) would execute
+    unpaired: tuple[Unpaired, ...] = ()  # grid combinations a runtime cannot run, and why
     _by_key: Mapping[str, PlannedStage] = field(default_factory=dict, repr=False, compare=False)
 
     def stage(self, key: str) -> PlannedStage:
@@ -119,9 +138,12 @@ class Plan:
             ],
             "point_list": [
                 {"index": p.index, "label": p.label, "pipeline": p.pipeline, "target": p.target,
+                 "runtime": p.runtime, "precision": p.precision,
                  "stages": list(p.stage_labels), "stage_keys": list(p.stage_keys), "eval_key": p.eval_key}
                 for p in self.points
             ],
+            "unpaired": [{"label": u.label, "target": u.target, "runtime": u.runtime, "precision": u.precision,
+                          "reason": u.reason} for u in self.unpaired],
         }
 
 
@@ -211,27 +233,71 @@ def build_plan(spec: SweepSpec) -> Plan:
             partial = grown
         chains.extend((pipeline.name, c) for c in partial)
 
-    evaluate = kind_with_role("evaluation").name
+    evaluate = get_kind(kind_with_role("evaluation").name)
+    unpaired: list[Unpaired] = []
     for pipeline_name, chain in chains:
-        for target in spec.evaluate.targets:
-            params = spec.evaluate.params_for(target)
+        fmt = chain_format(pipeline_name, chain)
+        labels = tuple(s.label for s in chain)
+        compress = [s.label for s in chain if get_kind(s.kind).role == "pipeline"]
+        label = "baseline" if not compress else f"{pipeline_name}: " + " > ".join(compress)
+        reasons = []
+        for target, runtime, precision in evaluation_grid(spec):
+            reason = get_backend(runtime).pairing(fmt, precision)
+            if reason is not None:
+                unpaired.append(Unpaired(label, target, runtime, precision, reason))
+                reasons.append(f"{runtime} at {precision}: {reason}")
+                continue
+            params = spec.evaluate.params_for(target, runtime, precision)
             # An empty chain (checkpoint or pretrained model, no train) evaluates the root as loaded.
             parent = chain[-1].key if chain else None
             ev = PlannedStage(
-                stage_key(parent or rkey, evaluate, params), evaluate, params, parent,
-                f"{evaluate}({target})", target, inputs=StageInputs() if chain else root_inputs,
+                stage_key(parent or rkey, evaluate.name, evaluate.key_material(params, StageInputs())),
+                evaluate.name, params, parent, evaluation_label(evaluate.name, target, runtime, precision), target,
+                inputs=StageInputs() if chain else root_inputs,
             )
             add(ev)
-            labels = tuple(s.label for s in chain)
-            compress = [s.label for s in chain if get_kind(s.kind).role == "pipeline"]
-            label = "baseline" if not compress else f"{pipeline_name}: " + " > ".join(compress)
             points.append(PlannedPoint(
                 index=len(points), label=label, pipeline=pipeline_name,
                 stage_keys=tuple(s.key for s in chain), stage_labels=labels,
-                target=target, eval_key=ev.key,
+                target=target, eval_key=ev.key, runtime=runtime, precision=precision,
             ))
             naive += len(chain) + 1
+        if len(reasons) == len(evaluation_grid(spec)):
+            runs = ", ".join(name for name, b in BACKENDS.items() if fmt in b.runs) or "none"
+            raise SpecError(f"evaluate.runtimes: nothing can measure {label} ({'; '.join(sorted(set(reasons)))}) "
+                            f"-- its {fmt} model runs on: {runs}; add one to evaluate.runtimes or change the pipeline")
 
     ordered = tuple(stages.values())  # insertion order is parent-before-child
     return Plan(root_key=rkey, stages=ordered, points=tuple(points), naive_stage_count=naive,
-                _by_key=dict(stages))
+                unpaired=tuple(unpaired), _by_key=dict(stages))
+
+
+def evaluation_grid(spec: SweepSpec) -> list[tuple[str, str, str]]:
+    """Every (target, runtime, precision) the spec asks each model to be measured on."""
+    ev = spec.evaluate
+    return [(t, r, p) for t in ev.targets for r in ev.runtimes for p in ev.precisions]
+
+
+def evaluation_label(kind: str, target: str, runtime: str, precision: str) -> str:
+    """``evaluate(local)`` for torch at fp32 (the labels of stores written before there
+    were runtimes), else ``evaluate(local, openvino)`` or ``evaluate(local, torch, bf16)``."""
+    shown = [target] + ([runtime] if (runtime, precision) != ("torch", "fp32") else [])
+    if precision != "fp32":
+        shown.append(precision)
+    return f"{kind}({', '.join(shown)})"
+
+
+def chain_format(pipeline: str, chain: list[PlannedStage]) -> str:
+    """The artifact format a chain ends in (``torch`` for an empty chain or the root),
+    after checking that each stage can start from its parent's format."""
+    fmt, parent = "torch", None
+    for st in chain:
+        kind = get_kind(st.kind)
+        if fmt not in kind.consumes:
+            raise SpecError(
+                f"pipeline {pipeline}: {st.label} cannot start from the {fmt} model {parent} makes -- put "
+                f"{parent} last in the pipeline"
+            )
+        if kind.produces_artifact:
+            fmt, parent = kind.artifact_format(st.params), st.label
+    return fmt

@@ -214,7 +214,9 @@ def execute(spec: Any, plan: Any, store: Any, *, db_url: str, address: str | Non
         if callable(store):
             store = store()
         pool = RayWorkerPool(nodes, cache_dir=node_cache_dir() if options.transfer == "object-store" else None)
-        for node_id, facts in pool.hardware().items():
+        hardware = pool.hardware()
+        cluster.require_runtimes(plan, nodes, hardware)
+        for node_id, facts in hardware.items():
             node = next(n for n in nodes if n.node_id == node_id)
             store.upsert_node(node_id, node.node_type, node.region, facts.get("hostname"), facts)
         initial: dict[str, str] = {}

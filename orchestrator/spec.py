@@ -112,10 +112,14 @@ class EvaluateSpec:
     min_window_s: float
     idle_s: float
     baseline: bool
+    runtimes: tuple[str, ...] = ("torch",)
+    precisions: tuple[str, ...] = ("fp32",)
 
-    def params_for(self, target: str) -> dict[str, Any]:
+    def params_for(self, target: str, runtime: str = "torch", precision: str = "fp32") -> dict[str, Any]:
         return EvaluateParams(
             target=target,
+            runtime=runtime,
+            precision=precision,  # type: ignore[arg-type]  # checked by _EvaluateSection
             batch_size=self.batch_size,
             warmup_batches=self.warmup_batches,
             warmup_s=self.warmup_s,
@@ -393,6 +397,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             min_window_s=f.evaluate.min_window_s,
             idle_s=f.evaluate.idle_s,
             baseline=f.evaluate.baseline,
+            runtimes=tuple(f.evaluate.runtimes),
+            precisions=tuple(f.evaluate.precision),
         ),
         store_url=f.store,
         max_points=f.limits.max_points,
@@ -430,7 +436,9 @@ def _check_input_size_kwargs(input_size: tuple[int, ...], kwargs: Mapping[str, A
 
 
 def count_points(spec: SweepSpec) -> int:
-    """Number of (chain, target) points without expanding the grid."""
+    """Number of (chain, target, runtime, precision) combinations without expanding the
+    grid: an upper bound of the points (the planner drops the combinations a runtime
+    cannot run)."""
     chains = 1 if spec.evaluate.baseline else 0
     for p in spec.pipelines:
         n = 1
@@ -438,7 +446,7 @@ def count_points(spec: SweepSpec) -> int:
             for _, vals in st.axes:
                 n *= len(vals)
         chains += n
-    return chains * len(spec.evaluate.targets)
+    return chains * len(spec.evaluate.targets) * len(spec.evaluate.runtimes) * len(spec.evaluate.precisions)
 
 
 def load_spec(path: str | Path, *, check_arch: bool = True, artifact_root: Path | str | None = None) -> SweepSpec:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import SpecError
-from workers.stages.registry import EvaluateParams
+from workers.stages.registry import EvaluateParams, Precision
 
 DEFAULT_MAX_POINTS = 1000
 MAX_INPUT_SIDE = 8192
@@ -71,12 +71,35 @@ class _EvaluateSection(_Strict):
     min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
     idle_s: float = EvaluateParams.model_fields["idle_s"].default
     baseline: bool = True  # also evaluate the uncompressed model
+    # Grid axes of evaluation: every model on every (target, runtime, precision) it can run on.
+    runtimes: list[str] | str = Field(default_factory=lambda: ["torch"])
+    precision: list[Precision] | Precision = Field(default_factory=lambda: ["fp32"])
 
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("targets must be unique")
+        return v
+
+    @field_validator("runtimes", "precision")
+    @classmethod
+    def _axis(cls, v: list[str] | str) -> list[str]:
+        values = [v] if isinstance(v, str) else list(v)
+        if not values:
+            raise ValueError("give at least one value")
+        if len(set(values)) != len(values):
+            raise ValueError("values must be unique")
+        return values
+
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, v: list[str]) -> list[str]:
+        from workers.backends import BACKENDS
+
+        for name in v:
+            if name not in BACKENDS:
+                raise ValueError(f"unknown runtime {name!r}; known runtimes: {', '.join(BACKENDS)}")
         return v
 
 

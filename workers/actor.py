@@ -52,9 +52,10 @@ class StageWorker:
     def describe(self) -> dict[str, Any]:
         """Hardware facts of this node, read on the node itself."""
         if self._hardware is None:
-            from workers.hardware import describe_node
+            from workers.hardware import describe_node, runtime_precisions
 
-            self._hardware = {**describe_node(), "pid": os.getpid()}
+            self._hardware = {**describe_node(), "precisions": runtime_precisions(self.env.device),
+                              "pid": os.getpid()}
         return self._hardware
 
     def progress(self) -> list[tuple[str, dict[str, Any]]]:

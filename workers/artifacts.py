@@ -33,7 +33,24 @@ def read_manifest(root: str | Path, key: str) -> dict[str, Any] | None:
         return None
     if not (d / WEIGHTS_FILE).is_file() or not (d / STRUCTURE_FILE).is_file():
         return None
+    if not all((d / name).is_file() for name in deploy_files(manifest)):
+        return None
     return manifest
+
+
+def deploy_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """The artifact's runtime payload (a model a runtime's quantizer made, next to its
+    float parent's torch files): file name -> sha256; empty for a torch artifact."""
+    deploy = manifest.get("deploy") or {}
+    files = dict(deploy.get("files") or {})
+    for name in files:
+        if not _plain_name(name) or name in ARTIFACT_FILES:
+            raise ArtifactTransferError(f"artifact payload file name {name!r} is not a plain file name")
+    return files
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
 def verified_manifest(root: str | Path, key: str) -> dict[str, Any] | None:
@@ -42,6 +59,8 @@ def verified_manifest(root: str | Path, key: str) -> dict[str, Any] | None:
     if manifest is None:
         return None
     if sha256_file(artifact_dir(root, key) / WEIGHTS_FILE) != manifest.get("sha256"):
+        return None
+    if any(sha256_file(artifact_dir(root, key) / name) != digest for name, digest in deploy_files(manifest).items()):
         return None
     return manifest
 
@@ -56,16 +75,18 @@ class ArtifactTransferError(Exception):
 
 
 def pack(root: str | Path, key: str) -> bytes:
-    """The artifact *key* under *root* as one uncompressed tar (its three files only),
-    for the Ray object store. Refuses an artifact that fails its checksum."""
+    """The artifact *key* under *root* as one uncompressed tar (its three files and its
+    runtime payload, if any), for the Ray object store. Refuses an artifact that fails
+    its checksum."""
     import io
     import tarfile
 
-    if verified_manifest(root, key) is None:
+    manifest = verified_manifest(root, key)
+    if manifest is None:
         raise ArtifactTransferError(f"artifact {key} under {root} is missing or fails its checksum")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ARTIFACT_FILES:
+        for name in (*ARTIFACT_FILES, *deploy_files(manifest)):
             tar.add(str(artifact_dir(root, key) / name), arcname=name, recursive=False)
     return buf.getvalue()
 
@@ -73,8 +94,8 @@ def pack(root: str | Path, key: str) -> bytes:
 def unpack(root: str | Path, key: str, blob: bytes) -> dict[str, Any]:
     """Install a :func:`pack`-ed artifact as ``<root>/<key>`` and return its manifest.
 
-    Only the three artifact files, as regular files without paths, are accepted; the
-    weights must match the manifest's sha256; the directory appears by atomic rename, so
+    Only the three artifact files and the payload files its manifest names, as regular
+    files without paths, are accepted; every file must match the manifest's sha256; the directory appears by atomic rename, so
     a reader never sees half of it. An artifact already present and verified is kept.
     """
     import io
@@ -92,7 +113,14 @@ def unpack(root: str | Path, key: str, blob: bytes) -> dict[str, Any]:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
             members = tar.getmembers()
             names = sorted(m.name for m in members)
-            if names != sorted(ARTIFACT_FILES) or not all(m.isfile() for m in members):
+            payload: dict[str, str] = {}
+            if MANIFEST_FILE in names:
+                shipped = tar.extractfile(tar.getmember(MANIFEST_FILE))
+                try:
+                    payload = deploy_files(json.loads(shipped.read())) if shipped is not None else {}
+                except (json.JSONDecodeError, AttributeError, TypeError) as e:
+                    raise ArtifactTransferError(f"shipped artifact {key} has an unreadable manifest ({e})") from None
+            if names != sorted((*ARTIFACT_FILES, *payload)) or not all(m.isfile() for m in members):
                 raise ArtifactTransferError(f"shipped artifact {key} holds {names}, not the artifact files")
             for m in members:
                 src = tar.extractfile(m)

@@ -72,7 +72,7 @@ from workers.models import (
     weights_size_bytes,
 )
 from workers.types import ArtifactInfo, ModelRef, StageTask
-from workers.util import write_durably
+from workers.util import sha256_file, write_durably
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -107,8 +107,15 @@ def save_artifact(
     materialized: bool,
     compression: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    deploy: Mapping[str, Any] | None = None,
 ) -> ArtifactInfo:
     """Save ``model`` as artifact ``key`` under ``root`` and describe it.
+
+    ``deploy`` (a runtime-quantized model): ``{"format": ..., "files": {name: path}, ...}``
+    -- the runtime's model files, copied into the artifact next to ``model`` (its float
+    parent) and listed in the manifest's ``deploy`` with their sha256 and total size;
+    the other keys are kept as they are (engine, settings). The manifest's ``size_bytes``
+    is then the payload's (``torch_size_bytes``: the parent's weights kept beside it).
 
     ``model_ref`` names the base timm architecture the model was derived from (its
     ``arch`` and ``kwargs``; a checkpoint is not needed to rebuild). ``input_shape`` is
@@ -149,11 +156,20 @@ def save_artifact(
         "versions": _library_versions(),
         "extra": dict(extra or {}),
     }
+    payload = {name: Path(path) for name, path in dict((deploy or {}).get("files") or {}).items()}
+    if deploy:
+        manifest["deploy"] = {**{k: v for k, v in deploy.items() if k != "files"},
+                              "files": {name: sha256_file(path) for name, path in payload.items()},
+                              "size_bytes": sum(path.stat().st_size for path in payload.values())}
+        # The model this artifact *is* is the runtime's: its size is the payload's.
+        manifest["torch_size_bytes"], manifest["size_bytes"] = manifest["size_bytes"], manifest["deploy"]["size_bytes"]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
         write_durably(tmp / WEIGHTS_FILE, weights)
         write_durably(tmp / STRUCTURE_FILE, _to_json(structure))
+        for name, path in payload.items():
+            write_durably(tmp / name, path.read_bytes())
         write_durably(tmp / MANIFEST_FILE, _to_json(manifest))  # last: its presence marks completeness
         winner = _move_into_place(tmp, root, key)
     finally:
@@ -222,9 +238,11 @@ def save_child(
     *,
     materialized: bool,
     extra: dict[str, Any] | None = None,
+    deploy: Mapping[str, Any] | None = None,
 ) -> ArtifactInfo:
     """Save the model a compression stage made from *parent* as artifact ``task.key``,
-    its compression chain extended by this stage (``{"kind": task.kind, **params}``)."""
+    its compression chain extended by this stage (``{"kind": task.kind, **params}``);
+    *deploy*: a runtime's model files (see :func:`save_artifact`)."""
     return save_artifact(
         model,
         root=task.artifact_root,
@@ -235,6 +253,7 @@ def save_child(
         materialized=materialized,
         compression={"chain": [*parent.chain, {"kind": task.kind, **params}]},
         extra=extra,
+        deploy=deploy,
     )
 
 

@@ -11,6 +11,7 @@ import click
 from orchestrator.cli._common import _open_store, _resolve_sweep, _write_output, db_option
 from orchestrator.errors import UsageError
 from orchestrator.progress import _progress_text
+from orchestrator.report.results import is_default_deployment
 
 
 @click.command()
@@ -46,6 +47,8 @@ def status(sweep_id: str | None, db: str | None) -> None:
         attempts.setdefault(a.stage_key, []).append(a)
     for st in store.stages(sweep_id):
         where = f" @ {st.target}" if st.target else ""
+        if st.runtime is not None and not is_default_deployment(st.runtime, st.precision):
+            where += f" {st.runtime} {st.precision}"
         dur = f"{st.duration_s:7.1f}s" if st.duration_s is not None else " " * 8
         err = f"  {st.error}" if st.error else ""
         click.echo(f"  {st.status:<9} {st.kind:<9}{where:<10} {st.key[:12]} {dur} attempts {st.attempts}{err}")
@@ -92,10 +95,13 @@ def results(sweep_id: str | None, db: str | None, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 def compare(sweep_id: str | None, db: str | None, fmt: str) -> None:
-    """Cross-hardware table of SWEEP (default: the latest): compressed models x targets.
+    """Cross-hardware table of SWEEP (default: the latest): compressed models x targets
+    (x runtimes and precisions, when the sweep measured several).
 
     Cells: time, energy (with its sources) and carbon per sample, mean ± std over the
-    repeats; accuracy, params, MACs, size and materialized/simulated once per model.
+    repeats; accuracy, params, MACs, size and materialized/simulated once per model. With
+    several runtimes, cells show top-1 too and each model's best runtime per target is
+    marked: the fastest whose top-1 is at most 1 point below the model's torch fp32 top-1.
     """
     from orchestrator.report import build_comparison, render_comparison
 
@@ -158,8 +164,9 @@ def report(sweep_id: str | None, db: str | None, out_path: Path | None) -> None:
                         savings=savings, stage_counts=store.stage_counts(sweep_id))
     _write_output(out_path, page.encode("utf-8"), "--out")
     c = build_comparison(rows, nodes_seen)
+    shape = f"{len(c.columns)} target x runtime columns" if c.has_runtimes else f"{len(c.targets)} targets"
     click.echo(f"wrote {out_path} ({len(page.encode('utf-8')) / 1024:.0f} KiB): {len(c.models)} models x "
-               f"{len(c.targets)} targets; open it in a browser, no server needed")
+               f"{shape}; open it in a browser, no server needed")
     for note in c.notes:
         click.echo(f"note: {note}")
     click.echo(placement_summary(savings))

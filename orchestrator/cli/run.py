@@ -37,8 +37,15 @@ def plan(spec_path: Path, as_json: bool) -> None:
     for s in p.stages:
         by_kind[s.kind] = by_kind.get(s.kind, 0) + 1
     click.echo("stages by kind: " + ", ".join(f"{k} {n}" for k, n in by_kind.items()))
+    several = len({(pt.runtime, pt.precision) for pt in p.points}) > 1 or any(
+        (pt.runtime, pt.precision) != ("torch", "fp32") for pt in p.points)
     for pt in p.points:
-        click.echo(f"  [{pt.index:3d}] {pt.label}  @ {pt.target}")
+        on = f" on {pt.runtime} {pt.precision}" if several else ""
+        click.echo(f"  [{pt.index:3d}] {pt.label}  @ {pt.target}{on}")
+    if p.unpaired:
+        click.echo(f"not points ({len(p.unpaired)}: the runtime cannot run that model at that precision):")
+        for u in p.unpaired:
+            click.echo(f"  - {u.label}  @ {u.target} on {u.runtime} {u.precision}: {u.reason}")
 
 
 class _Printed:

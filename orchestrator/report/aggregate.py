@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from orchestrator.store.records import MeasurementRecord, PointRecord, ResultRow
+from orchestrator.store.records import DEFAULT_PRECISION, DEFAULT_RUNTIME, MeasurementRecord, PointRecord, ResultRow
 
 DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram")
 
@@ -32,7 +32,9 @@ def result_row(point: PointRecord) -> ResultRow:
     Model facts (params, MACs, on-disk bytes, materialized) come from the last compression
     stage's artifact, else from what the evaluation itself saw of the model (its metrics).
     Energy sources, idle power and the grid intensity are the first repeat's: one cohort
-    measures every repeat of a point alike.
+    measures every repeat of a point alike. The runtime and precision are the evaluation's
+    (torch / fp32 for a stage that has none); its runtime's version, threads, deployable
+    size and top-1 agreement are what the measuring evaluation recorded.
     """
     from workers.stages.registry import stage_label  # pydantic: not imported by `import orchestrator.report`
 
@@ -53,12 +55,16 @@ def result_row(point: PointRecord) -> ResultRow:
             idle = getattr(first, f"{domain}_idle_power_w")
             if idle is not None:
                 idle_w[domain] = idle
+    seen = (point.measured or point.evaluation).metrics  # what the evaluation saw of the model
     facts: Mapping[str, Any] = (
         {"params": point.artifact.params, "macs": point.artifact.macs, "size_bytes": point.artifact.size_bytes,
          "materialized": point.artifact.materialized}
         if point.artifact is not None
-        else (point.measured or point.evaluation).metrics  # what the evaluation saw of the model
+        else seen
     )
+    ran = _mapping(seen.get("runtime"))
+    agreement = _mapping(seen.get("agreement"))
+    threads = ran.get("threads")
     return ResultRow(
         sweep_id=point.sweep_id,
         point_index=point.point_index,
@@ -97,9 +103,20 @@ def result_row(point: PointRecord) -> ResultRow:
         macs=facts.get("macs"),
         size_bytes=facts.get("size_bytes"),
         materialized=facts.get("materialized"),
+        runtime=point.evaluation.runtime or DEFAULT_RUNTIME,
+        precision=point.evaluation.precision or DEFAULT_PRECISION,
+        runtime_version=point.measured.runtime_version if point.measured is not None else None,
+        threads=dict(threads) if isinstance(threads, Mapping) else None,
+        deployable_size_bytes=seen.get("deployable_size_bytes"),
+        top1_agreement=agreement.get("top1_agreement"),
         stage_kinds=tuple(s.kind if s is not None else "" for s in point.chain),
         stage_params=tuple(dict(s.params) if s is not None else {} for s in point.chain),
     )
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A metrics entry that is a dict, else an empty one (an evaluation that recorded none)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def mean(values: Sequence[float]) -> float | None:

@@ -21,9 +21,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestrator.report.compare import SOURCES_NOTE, Comparison, build_comparison, cell_lines, top1_text
+from orchestrator.report.compare import (
+    BEST_RULE,
+    SOURCES_NOTE,
+    Comparison,
+    build_comparison,
+    model_cell_lines,
+    model_top1_text,
+)
 from orchestrator.report.pareto import X_METRICS, Y_METRICS, Pareto, available_x, build_pareto
-from orchestrator.report.results import _fmt_bytes, _fmt_count
+from orchestrator.report.results import _fmt_bytes, _fmt_count, _pairs, deployment, has_runtimes
 from orchestrator.store.records import NodeRecord, ResultRow, StageRecord, SweepRecord
 
 NO_PLACEMENT = "no carbon-aware placement recorded for this sweep"
@@ -91,7 +98,9 @@ def _summary(sweep: SweepRecord, c: Comparison, counts: Mapping[str, int]) -> st
         ("sweep", f"{sweep.name} ({sweep.id})"), ("status", sweep.status),
         ("created", _when(sweep.created_at)), ("started", _when(sweep.started_at)),
         ("finished", _when(sweep.finished_at)),
-        ("points", f"{points} = {len(c.models)} models x {len(c.targets)} targets ({', '.join(c.targets)})"),
+        ("points", f"{points} = {len(c.models)} models x "
+                   + (f"{len(c.columns)} target / runtime columns ({', '.join(k.name for k in c.columns)})"
+                      if c.has_runtimes else f"{len(c.targets)} targets ({', '.join(c.targets)})")),
         ("stages", f"{sweep.unique_stage_count} unique (a per-point runner would run {sweep.naive_stage_count})"
                    + (": " + ", ".join(f"{n} {k}" for k, n in counts.items()) if counts else "")),
         ("artifacts", sweep.artifact_root),
@@ -132,32 +141,60 @@ def _hardware(nodes: Sequence[NodeRecord], stages: Sequence[StageRecord], rows: 
     return "".join(body)
 
 
-def _comparison(c: Comparison) -> str:
-    head = ["model", "top1 %", *c.targets, "params", "MACs", "size", "compression"]
+def _runtimes(rows: Sequence[ResultRow]) -> str:
+    """What each runtime was, as its evaluations recorded it: version, threads and the
+    deployable's size, per target, runtime and precision."""
+    seen: dict[tuple[str, str, str], list[ResultRow]] = {}
+    for r in rows:
+        seen.setdefault((r.target, r.runtime, r.precision), []).append(r)
+    table_rows = []
+    for (target, runtime, precision), mine in seen.items():
+        versions = sorted({r.runtime_version for r in mine if r.runtime_version})
+        threads = sorted({_pairs(r.threads) for r in mine if r.threads})
+        sizes = [r.deployable_size_bytes for r in mine if r.deployable_size_bytes is not None]
+        agreement = [r.top1_agreement for r in mine if r.top1_agreement is not None]
+        table_rows.append([_e(target), _e(runtime), _e(precision), _e(", ".join(versions) or None),
+                           _e(", ".join(threads) or None), _e(len(mine)),
+                           _e(" - ".join(dict.fromkeys(_fmt_bytes(n) for n in (min(sizes), max(sizes))))
+                              if sizes else None),
+                           _e(f"{100 * min(agreement):.1f} %" if agreement else None)])
+    return ("<h3>Runtimes</h3>"
+            + _table("runtimes-table", ["target", "runtime", "precision", "version", "threads", "points",
+                                        "deployable size", "lowest top-1 agreement"], table_rows, num=(5, 6, 7))
+            + '<p class="muted">Threads are equal across runtimes on a node (intra-op = the CPUs a worker holds, one '
+            "inter-op thread). Top-1 agreement: the share of the check batch whose top-1 matched the reference "
+            "model.</p>")
+
+
+def _comparison(c: Comparison, points: Sequence[ResultRow]) -> str:
+    head = ["model", "top1 %", *(col.name for col in c.columns), "params", "MACs", "size", "compression"]
     rows = []
     for m in c.models:
-        cells = ["<br>".join(_e(line) for line in cell_lines(m.cells.get(t), c.has_carbon)) for t in c.targets]
+        cells = ["<br>".join(_e(line) for line in model_cell_lines(c, m, col)) for col in c.columns]
         rows.append([_e(m.label) + (f'<br><span class="muted">also: {_e("; ".join(m.also))}</span>' if m.also else ""),
-                     _e(top1_text(m)), *cells, _e(_fmt_count(m.params)), _e(_fmt_count(m.macs)),
+                     _e(model_top1_text(c, m)), *cells, _e(_fmt_count(m.params)), _e(_fmt_count(m.macs)),
                      _e(_fmt_bytes(m.size_bytes)), _e(m.compression)])
-    n = len(c.targets)
-    legend = ("Cells: time / sample (ms), energy / sample (mJ, gross, with where each domain's figure came from)"
+    n = len(c.columns)
+    legend = ("Cells: " + ("top-1 (%), " if c.has_runtimes else "")
+              + "time / sample (ms), energy / sample (mJ, gross, with where each domain's figure came from)"
               + (", carbon / sample (µg CO2eq)" if c.has_carbon else "") + "; mean ± std over the repeats. "
-              + SOURCES_NOTE + ".")
+              + (BEST_RULE + ". " if c.has_runtimes else "") + SOURCES_NOTE + ".")
     return ('<section id="comparison"><h2>Cross-hardware comparison</h2>'
             + _table("comparison-table", head, rows, num=(1, *range(2, 2 + n), 2 + n, 3 + n, 4 + n))
-            + f'<p class="muted">{_e(legend)}</p></section>')
+            + f'<p class="muted">{_e(legend)}</p>' + (_runtimes(points) if c.has_runtimes else "") + "</section>")
 
 
 def _frontier_table(p: Pareto) -> str:
     out = []
+    several = p.has_runtimes
+    head = ["#", "model", *(["runtime"] if several else []), f"{p.y.title} ({p.y.unit})", f"{p.x.title} ({p.x.unit})"]
     for f in p.fronts:
-        rows = [[_e(q.row.point_index), _e(q.row.point),
+        rows = [[_e(q.row.point_index), _e(q.row.point), *([_e(deployment(q.row))] if several else []),
                  _e(f"{p.y.scale * q.y:.1f} ± {p.y.scale * (q.y_std or 0):.1f}"),
                  _e(f"{p.x.scale * q.x:.4f} ± {p.x.scale * (q.x_std or 0):.4f}")] for q in f.frontier]
         out.append(f"<h3>{_e(f.target)}: {len(f.frontier)} of {len(f.points)} points non-dominated</h3>")
-        out.append(_table(f"frontier-{p.x.name}-{f.target}", ["#", "model", f"{p.y.title} ({p.y.unit})",
-                                                              f"{p.x.title} ({p.x.unit})"], rows, num=(0, 2, 3)))
+        out.append(_table(f"frontier-{p.x.name}-{f.target}", head, rows,
+                          num=(0, len(head) - 2, len(head) - 1)))
     return "".join(out)
 
 
@@ -176,7 +213,9 @@ def _pareto(rows: Sequence[ResultRow]) -> str:
         body.append(f"<h3>top-1 vs {_e(p.x.title)}</h3>")
         body.append(_img(pareto_png(p.fronts, p.x, p.y), f"Pareto frontier, top-1 vs {p.x.title}",
                          f"Top-1 accuracy vs {p.x.title} per target; green: non-dominated, labelled with the point "
-                         "number; bars: one std over repeats."))
+                         "number; bars: one std over repeats"
+                         + ("; one marker per runtime and precision, named in the legend." if p.has_runtimes
+                            else ".")))
         body.append(_frontier_table(p))
     if "carbon" not in metrics and "energy" in metrics:
         body.append('<p class="muted">no carbon figures: add a carbon: section to the spec to account them.</p>')
@@ -266,11 +305,12 @@ def _energy_sources(rows: Sequence[ResultRow]) -> str:
                         for dom in sorted({d for d, _ in tally}))
     body.append(f'<p id="energy-sources-summary">{_e(summary)} (of {len(measured)} points with energy).</p>')
     table_rows = []
+    several = has_runtimes(rows)
     for r in measured:
         intensity = ("-" if r.intensity_g_per_kwh is None
                      else f"{r.intensity_g_per_kwh:.4g} g/kWh ({r.intensity_source}, {r.intensity_kind})")
         idle = ", ".join(f"{d} {w:.3g} W" for d, w in sorted(r.idle_power_w.items())) or "-"
-        table_rows.append([_e(r.point_index), _e(r.point), _e(r.target),
+        table_rows.append([_e(r.point_index), _e(r.point), _e(f"{r.target} ({deployment(r)})" if several else r.target),
                            *(_source_cell(r.energy_source.get(d)) for d in ("gpu", "cpu", "dram")),
                            _e(idle), _e(intensity)])
     body.append(_table("energy-sources-table", ["#", "model", "target", "gpu", "cpu", "dram", "idle power",
@@ -319,7 +359,7 @@ def build_report(
         ("summary", None, _summary(sweep, c, stage_counts or {})),
         ("spec", "spec", _spec(sweep)),
         ("hardware", "hardware", _hardware(nodes, stages, rows, c)),
-        ("comparison", "comparison", _comparison(c)),
+        ("comparison", "comparison", _comparison(c, rows)),
         ("pareto", "Pareto", _pareto(rows)),
         ("pruning", "pruning curves", _pruning(rows)),
         ("placement", "placement", placement_section(savings)),

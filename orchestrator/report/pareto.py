@@ -1,7 +1,9 @@
 """The accuracy-cost Pareto frontier of a sweep, per target.
 
-A point is a sweep point (a compressed model on one target) with a cost ``x`` to minimise
-(time, energy or carbon per sample) and an accuracy ``y`` to maximise. A point is
+A point is a sweep point -- a compressed model on one target, run by one runtime at one
+precision: (chain, target, runtime, precision) is its identity, so the same model on two
+runtimes is two points that compete on the target's frontier -- with a cost ``x`` to
+minimise (time, energy or carbon per sample) and an accuracy ``y`` to maximise. A point is
 *dominated* when another point of the same target is no worse on both (``x' <= x`` and
 ``y' >= y``) and strictly better on one; the frontier is the points no other point
 dominates. Two points with exactly the same ``x`` and ``y`` do not dominate each other:
@@ -11,8 +13,12 @@ both stay on the frontier.
 list the frontier only)::
 
     {"sweep_id": ..., "x": field, "y": field,
-     "targets": [{"target": ..., "points": [{"point_index", "model", "x", "x_std", "y",
-                  "y_std", "energy_source", "on_frontier"}], "without_metrics": [labels]}]}
+     "targets": [{"target": ..., "points": [{"point_index", "model", "runtime", "precision",
+                  "x", "x_std", "y", "y_std", "energy_source", "on_frontier"}],
+                  "without_metrics": [labels]}]}
+
+The CSV has a line per point (``runtime`` and ``precision`` last); the table and markdown
+show a ``runtime`` column when any point ran on something other than torch at fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 from orchestrator.errors import UsageError
 from orchestrator.report.compare import source_marks
+from orchestrator.report.results import deployment, has_runtimes
 from orchestrator.store.records import ResultRow
 
 
@@ -110,6 +117,12 @@ class Pareto:
     y: Metric
     fronts: tuple[TargetFront, ...]
 
+    @property
+    def has_runtimes(self) -> bool:
+        """Whether a point ran on something other than torch at fp32 (then shown)."""
+        return has_runtimes([*(q.row for f in self.fronts for q in f.points),
+                             *(r for f in self.fronts for r in f.without_metrics)])
+
 
 def available_x(rows: Sequence[ResultRow]) -> list[str]:
     """The x metrics (names of :data:`X_METRICS`) at least one point has a figure for."""
@@ -167,8 +180,13 @@ def _headline(p: Pareto, f: TargetFront) -> str:
     text = (f"{f.target}: {p.x.title} ({p.x.unit}) vs {p.y.title} -- {len(f.frontier)} of {len(f.points)} "
             "points non-dominated")
     if f.without_metrics:
-        text += f"; {len(f.without_metrics)} without figures ({', '.join(r.point for r in f.without_metrics)})"
+        text += f"; {len(f.without_metrics)} without figures ({', '.join(_named(p, r) for r in f.without_metrics)})"
     return text
+
+
+def _named(p: Pareto, r: ResultRow) -> str:
+    """The point's label, with its runtime and precision when the sweep has several."""
+    return f"{r.point} [{deployment(r)}]" if p.has_runtimes else r.point
 
 
 def pareto_json(p: Pareto) -> dict[str, Any]:
@@ -176,9 +194,9 @@ def pareto_json(p: Pareto) -> dict[str, Any]:
         "sweep_id": p.sweep_id, "x": p.x.field, "y": p.y.field,
         "targets": [
             {"target": f.target,
-             "points": [{"point_index": q.row.point_index, "model": q.row.point, "x": q.x, "x_std": q.x_std,
-                         "y": q.y, "y_std": q.y_std, "energy_source": q.row.energy_source,
-                         "on_frontier": q.on_frontier} for q in f.points],
+             "points": [{"point_index": q.row.point_index, "model": q.row.point, "runtime": q.row.runtime,
+                         "precision": q.row.precision, "x": q.x, "x_std": q.x_std, "y": q.y, "y_std": q.y_std,
+                         "energy_source": q.row.energy_source, "on_frontier": q.on_frontier} for q in f.points],
              "without_metrics": [r.point for r in f.without_metrics]}
             for f in p.fronts
         ],
@@ -193,20 +211,24 @@ def render_pareto(p: Pareto, fmt: str) -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["target", "point_index", "model", p.x.field, f"{p.x.field}_std", p.y.field, f"{p.y.field}_std",
-                    "on_frontier"])
+                    "on_frontier", "runtime", "precision"])
         for f in p.fronts:
             for q in f.points:
-                w.writerow([f.target, q.row.point_index, q.row.point, q.x, q.x_std, q.y, q.y_std, q.on_frontier])
+                w.writerow([f.target, q.row.point_index, q.row.point, q.x, q.x_std, q.y, q.y_std, q.on_frontier,
+                            q.row.runtime, q.row.precision])
         return buf.getvalue().rstrip("\n")
     if fmt == "markdown":
         blocks = []
+        runtime_head, runtime_rule = (" runtime |", ":---|") if p.has_runtimes else ("", "")
         for f in p.fronts:
             lines = [f"**{_headline(p, f)}**", "",
-                     f"| # | model | {p.y.title} ({p.y.unit}) | {p.x.title} ({p.x.unit}) |", "|---:|:---|---:|---:|"]
+                     f"| # | model |{runtime_head} {p.y.title} ({p.y.unit}) | {p.x.title} ({p.x.unit}) |",
+                     f"|---:|:---|{runtime_rule}---:|---:|"]
             for q in f.frontier:
                 model = q.row.point.replace("|", "\\|")
                 y, x = _fmt(q.y, q.y_std, p.y), _fmt(q.x, q.x_std, p.x)
-                lines.append(f"| {q.row.point_index} | {model} | {y} | {x} |")
+                runtime = f" {deployment(q.row)} |" if p.has_runtimes else ""
+                lines.append(f"| {q.row.point_index} | {model} |{runtime} {y} | {x} |")
             blocks.append("\n".join(lines))
         return "\n\n".join(blocks)
     if fmt == "table":
@@ -222,13 +244,14 @@ def _table(p: Pareto) -> str:
     for n, f in enumerate(p.fronts):
         if n:
             console.print("")
-        console.print(_headline(p, f), highlight=False)
+        console.print(_headline(p, f), highlight=False, markup=False)  # labels may hold "[...]"
         t = Table(header_style="bold")
-        for col, just in (("#", "right"), ("model", "left"), (f"{p.y.name} {p.y.unit}", "right"),
-                          (f"{p.x.title} ({p.x.unit})", "right"), ("energy source", "left")):
+        for col, just in (("#", "right"), ("model", "left"), *((("runtime", "left"),) if p.has_runtimes else ()),
+                          (f"{p.y.name} {p.y.unit}", "right"), (f"{p.x.title} ({p.x.unit})", "right"),
+                          ("energy source", "left")):
             t.add_column(col, justify=just)
         for q in f.frontier:
-            t.add_row(str(q.row.point_index), q.row.point, _fmt(q.y, q.y_std, p.y), _fmt(q.x, q.x_std, p.x),
-                      source_marks(q.row.energy_source) or "-")
+            t.add_row(str(q.row.point_index), q.row.point, *((deployment(q.row),) if p.has_runtimes else ()),
+                      _fmt(q.y, q.y_std, p.y), _fmt(q.x, q.x_std, p.x), source_marks(q.row.energy_source) or "-")
         console.print(t)
     return console.export_text().rstrip("\n")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.report.results import deployment, has_runtimes
 from orchestrator.store.records import ResultRow
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 _FRONT_COLOR = "#1a7f37"
 _OTHER_COLOR = "#9aa0a6"
+_RUNTIME_COLOR = "#424a53"  # legend entries naming a runtime's marker
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per (runtime, precision), in point order
 
 
 def short_label(row: ResultRow) -> str:
@@ -60,17 +63,36 @@ def _figure(n: int, height: float = 4.2) -> tuple[Figure, list[Any]]:
 
 def pareto_png(fronts: Sequence[TargetFront], x: Metric, y: Metric) -> bytes:
     """One panel per target: every point (grey), the frontier (green, joined as a staircase
-    and labelled), error bars of one std over repeats."""
+    and labelled), error bars of one std over repeats. When points ran on several runtimes
+    or precisions, each (runtime, precision) has its own marker, named in the legend."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = sorted((p.row for f in fronts for p in f.points), key=lambda r: r.point_index)
+    several = has_runtimes(rows)
+    markers = {name: _MARKERS[i % len(_MARKERS)] for i, name in enumerate(dict.fromkeys(map(deployment, rows)))}
     fig, axes = _figure(len(fronts))
     for ax, f in zip(axes, fronts):
+        handles = []
         for on, color, name in ((False, _OTHER_COLOR, "dominated"), (True, _FRONT_COLOR, "non-dominated")):
-            pts = [p for p in f.points if p.on_frontier == on]
-            if not pts:
+            state = [p for p in f.points if p.on_frontier == on]
+            if not state:
                 continue
-            ax.errorbar([x.scale * p.x for p in pts], [y.scale * p.y for p in pts],
-                        xerr=[x.scale * (p.x_std or 0.0) for p in pts], yerr=[y.scale * (p.y_std or 0.0) for p in pts],
-                        fmt="o", color=color, ecolor=color, elinewidth=0.8, capsize=2, markersize=6, label=name,
-                        zorder=3 if on else 2)
+            for run, marker in markers.items():
+                pts = [p for p in state if deployment(p.row) == run]
+                if not pts:
+                    continue
+                ax.errorbar([x.scale * p.x for p in pts], [y.scale * p.y for p in pts],
+                            xerr=[x.scale * (p.x_std or 0.0) for p in pts],
+                            yerr=[y.scale * (p.y_std or 0.0) for p in pts], fmt=marker, color=color, ecolor=color,
+                            elinewidth=0.8, capsize=2, markersize=6, zorder=3 if on else 2)
+            # with runtimes, markers name them and a colour patch names the frontier state
+            handles.append(Patch(color=color, label=name) if several
+                           else Line2D([], [], linestyle="none", marker="o", color=color, label=name))
+        if several:
+            present = {deployment(p.row) for p in f.points}
+            handles += [Line2D([], [], linestyle="none", marker=marker, color=_RUNTIME_COLOR, label=run)
+                        for run, marker in markers.items() if run in present]
         front = f.frontier
         if len(front) > 1:
             ax.step([x.scale * p.x for p in front], [y.scale * p.y for p in front], where="post",
@@ -78,7 +100,8 @@ def pareto_png(fronts: Sequence[TargetFront], x: Metric, y: Metric) -> bytes:
         mid = (min(p.x for p in f.points) + max(p.x for p in f.points)) / 2 if f.points else 0.0
         for p in front:  # labels point inwards, so none runs off the panel
             right_half = p.x > mid
-            ax.annotate(textwrap.shorten(f"#{p.row.point_index} {short_label(p.row)}", 40, placeholder="..."),
+            text = f"#{p.row.point_index} {short_label(p.row)}" + (f" [{deployment(p.row)}]" if several else "")
+            ax.annotate(textwrap.shorten(text, 48 if several else 40, placeholder="..."),
                         (x.scale * p.x, y.scale * p.y), textcoords="offset points", xytext=(-5 if right_half else 5, 4),
                         ha="right" if right_half else "left", fontsize=7)
         ax.margins(0.08)
@@ -87,7 +110,7 @@ def pareto_png(fronts: Sequence[TargetFront], x: Metric, y: Metric) -> bytes:
         ax.set_ylabel(f"{y.title} ({y.unit})")
         ax.grid(alpha=0.3)
         if f.points:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(handles=handles, fontsize=8, loc="lower right")
         else:
             ax.text(0.5, 0.5, "no points with both figures", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
@@ -137,24 +160,27 @@ def prune_series(rows: Sequence[ResultRow]) -> dict[str, dict[str, list[CurvePoi
     (``structured/all`` and ``structured/all > quantize(weights=int8)`` are two
     series); its points are the prune ratios. A point without a prune stage whose chain
     is a series' chain without the prune (the baseline for ``structured/all``) is that
-    series' ratio 0. Chains with two prune stages are left out (no single ratio).
+    series' ratio 0. Chains with two prune stages are left out (no single ratio). When
+    points ran on several runtimes or precisions, each (runtime, precision) is a series of
+    its own (``structured/all [onnxruntime fp32]``).
     """
+    several = has_runtimes(rows)
     out: dict[str, dict[str, list[CurvePoint]]] = {}
-    unpruned: dict[tuple[str, tuple[str, ...]], ResultRow] = {}
-    series_base: dict[tuple[str, str], tuple[str, ...]] = {}
+    unpruned: dict[tuple[str, tuple[str, ...], str], ResultRow] = {}
+    series_base: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
     for r in rows:
         prunes = [(i, axis) for i, k in enumerate(r.stage_kinds) if (axis := _curve_param(k)) is not None]
         if not prunes:
-            unpruned.setdefault((r.target, r.stages), r)
+            unpruned.setdefault((r.target, r.stages, deployment(r)), r)
             continue
         if len(prunes) > 1 or prunes[0][1] not in r.stage_params[prunes[0][0]]:
             continue
         at, axis = prunes[0]
-        name = _series_name(r, at)
+        name = _series_name(r, at) + (f" [{deployment(r)}]" if several else "")
         out.setdefault(r.target, {}).setdefault(name, []).append(CurvePoint(float(r.stage_params[at][axis]), r))
-        series_base[(r.target, name)] = r.stages[:at] + r.stages[at + 1:]
-    for (target, name), base in series_base.items():
-        anchor = unpruned.get((target, base))
+        series_base[(r.target, name)] = (r.stages[:at] + r.stages[at + 1:], deployment(r))
+    for (target, name), (base, run) in series_base.items():
+        anchor = unpruned.get((target, base, run))
         if anchor is not None:
             out[target][name].append(CurvePoint(0.0, anchor))
     for series in out.values():

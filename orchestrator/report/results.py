@@ -1,8 +1,11 @@
 """Rendering of results: table, CSV and JSON.
 
-``results --format json`` is a stable contract: a list with one object per (sweep point,
-evaluation target), with the keys in :data:`RESULT_FIELDS`. Accuracy is a fraction in
-[0, 1]; times are seconds; sizes are bytes.
+``results --format json`` is a stable contract: a list with one object per sweep point --
+a compression chain evaluated on one target by one runtime at one precision -- with the
+keys in :data:`RESULT_FIELDS` (new keys are appended, never reordered). Accuracy is a
+fraction in [0, 1]; times are seconds; sizes are bytes. The CSV has the same columns
+(``threads`` as ``inter_op=1;intra_op=2``); the table shows a ``runtime`` column (runtime
+and precision) when any point ran on something other than torch at fp32.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import json
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
+from orchestrator.store.records import DEFAULT_PRECISION, DEFAULT_RUNTIME, ResultRow
+
 RESULT_FIELDS: tuple[str, ...] = (
     "sweep_id", "point_index", "point", "pipeline", "stages", "target", "status",
     "top1", "top1_std", "top5", "time_per_sample_s", "time_per_sample_s_std",
@@ -21,6 +26,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "gpu_energy_per_sample_j", "cpu_energy_per_sample_j", "dram_energy_per_sample_j",
     "energy_source", "idle_power_w", "carbon_g_per_sample", "intensity_g_per_kwh",
     "intensity_source", "intensity_kind",
+    "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
 )
 
 
@@ -30,6 +36,22 @@ def result_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
         d = asdict(r) if is_dataclass(r) else dict(r)
         out.append({k: d.get(k) for k in RESULT_FIELDS})
     return out
+
+
+def deployment(row: ResultRow) -> str:
+    """How a point was run, for people: ``onnxruntime fp32``."""
+    return f"{row.runtime} {row.precision}"
+
+
+def is_default_deployment(runtime: str | None, precision: str | None) -> bool:
+    """Torch eager at fp32: how every evaluation ran before there were runtimes."""
+    return (runtime, precision) == (DEFAULT_RUNTIME, DEFAULT_PRECISION)
+
+
+def has_runtimes(rows: Iterable[ResultRow]) -> bool:
+    """Whether any point ran on something other than torch at fp32: only then do the
+    tables and plots name runtimes (a sweep from before runtimes reads as it always did)."""
+    return not all(is_default_deployment(r.runtime, r.precision) for r in rows)
 
 
 def _pairs(mapping: dict[str, Any] | None) -> str:
@@ -68,8 +90,8 @@ def render_results(rows: Iterable[Any], fmt: str) -> str:
         w = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS), lineterminator="\n")
         w.writeheader()
         for d in data:
-            w.writerow({**d, "stages": " > ".join(d["stages"] or []),
-                        "energy_source": _pairs(d["energy_source"]), "idle_power_w": _pairs(d["idle_power_w"])})
+            w.writerow({**d, "stages": " > ".join(d["stages"] or []), "energy_source": _pairs(d["energy_source"]),
+                        "idle_power_w": _pairs(d["idle_power_w"]), "threads": _pairs(d["threads"])})
         return buf.getvalue().rstrip("\n")
     return _table(data)
 
@@ -92,23 +114,26 @@ def _table(data: list[dict[str, Any]]) -> str:
     from rich.table import Table
 
     t = Table(show_lines=False, header_style="bold")
-    columns = (("#", "right"), ("point", "left"), ("target", "left"), ("top1 %", "right"), ("top5 %", "right"),
-               ("ms/sample (± std)", "right"), ("mJ/sample (source)", "right"), ("µg CO2/sample", "right"),
-               ("params", "right"), ("MACs", "right"), ("size", "right"), ("compression", "left"))
+    runtimes = not all(is_default_deployment(d["runtime"], d["precision"]) for d in data)
+    columns = (("#", "right"), ("point", "left"), ("target", "left"), *((("runtime", "left"),) if runtimes else ()),
+               ("top1 %", "right"), ("top5 %", "right"), ("ms/sample (± std)", "right"),
+               ("mJ/sample (source)", "right"), ("µg CO2/sample", "right"), ("params", "right"), ("MACs", "right"),
+               ("size", "right"), ("compression", "left"))
     for col, just in columns:
         t.add_column(col, justify=just)
     fallback = False
     for d in data:
+        where = (d["target"], *((f"{d['runtime']} {d['precision']}",) if runtimes else ()))
         if d["top1"] is None:  # the evaluation did not succeed (failed, skipped, pending)
-            t.add_row(str(d["point_index"]), d["point"], d["target"], "-", "-", d["status"] or "-",
-                      *["-"] * (len(columns) - 6))
+            t.add_row(str(d["point_index"]), d["point"], *where, "-", "-", d["status"] or "-",
+                      *["-"] * (len(columns) - 5 - len(where)))
             continue
         tps = d["time_per_sample_s"]
         std = d["time_per_sample_s_std"] or 0.0
         carbon = d["carbon_g_per_sample"]
         fallback |= "fallback" in (d["intensity_source"] or "")
         t.add_row(
-            str(d["point_index"]), d["point"], d["target"], _pct(d["top1"]), _pct(d["top5"]),
+            str(d["point_index"]), d["point"], *where, _pct(d["top1"]), _pct(d["top5"]),
             f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
             _energy_cell(d),
             "-" if carbon is None else f"{1e6 * carbon:.4f}",

@@ -85,9 +85,12 @@ class BaseStore(ABC):
         transaction: on any failure nothing is written.
 
         *stages* are in plan order (parents first), each with ``key``, ``kind``,
-        ``params`` and optionally ``parent_key`` and ``target`` (evaluate stages). *points*
-        each have ``point_index``, ``label``, ``pipeline``, ``stage_keys`` (root .. last
-        compression stage), ``target`` and ``eval_key`` (a key among *stages*).
+        ``params`` and optionally ``parent_key`` and ``target`` (evaluate stages). A stage
+        with a target is an evaluation: its record's ``runtime`` and ``precision`` are its
+        params' (``torch`` / ``fp32`` when they name none). *points* each have
+        ``point_index``, ``label``, ``pipeline``, ``stage_keys`` (root .. last compression
+        stage), ``target`` and ``eval_key`` (a key among *stages*); a point is its chain
+        and its evaluation, so (chain, target, runtime, precision).
         """
 
     @abstractmethod
@@ -176,8 +179,9 @@ class BaseStore(ABC):
         """Persist what a worker returned for stage ``result.key`` of *sweep_id*.
 
         Idempotent on (sweep, key): the stage row takes the result's status, metrics,
-        error, duration, node and energy; its artifact is upserted by key (artifacts are
-        global across sweeps; the first sweep to record one stays its creator); the
+        error, duration, node and energy, and the ``runtime_version`` its metrics'
+        ``runtime`` description names (evaluations); its artifact is upserted by key
+        (artifacts are global across sweeps; the first sweep to record one stays its creator); the
         stage's measurements become exactly one row per
         :class:`~workers.types.EvalRepeat`, keyed by (sweep, stage key, repeat). Carbon
         figures already accounted are kept.

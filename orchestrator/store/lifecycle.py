@@ -23,6 +23,7 @@ from orchestrator.store.models import (
     SweepModel,
     utcnow,
 )
+from orchestrator.store.rows import deployment_values
 from orchestrator.store.sql import TERMINAL_SWEEP_STATUSES, SQLCore, close_attempts, dialect_insert, release_claims
 
 
@@ -57,21 +58,22 @@ class LifecycleMixin(SQLCore):
             "options": dict(options or {}),
             "cancel_requested": False,
         }
-        stage_rows = [
-            {
+        stage_rows = []
+        for position, stage in enumerate(stages):
+            params = dict(_field(stage, "params", "stage", position))
+            stage_rows.append({
                 "sweep_id": sweep_id,
                 "key": _field(stage, "key", "stage", position),
                 "position": position,
                 "kind": _field(stage, "kind", "stage", position),
-                "params": dict(_field(stage, "params", "stage", position)),
+                "params": params,
                 "parent_key": stage.get("parent_key"),
                 "target": stage.get("target"),
                 "status": "pending",
                 "attempts": 0,
                 "metrics": {},
-            }
-            for position, stage in enumerate(stages)
-        ]
+                **deployment_values(stage.get("target"), params),
+            })
         point_rows = [
             {
                 "sweep_id": sweep_id,

@@ -170,6 +170,12 @@ class StageModel(EnergyColumns, Base):
     finished_at: Mapped[datetime | None]
     duration_s: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # 0004: how an evaluation runs (evaluate stages only): the runtime and precision it was
+    # planned for -- with the chain and the target, a sweep point's identity -- and the
+    # version of the runtime that measured it (known once its result is recorded).
+    runtime: Mapped[str | None] = mapped_column(String(_SHORT))
+    precision: Mapped[str | None] = mapped_column(String(_SHORT))
+    runtime_version: Mapped[str | None] = mapped_column(String(_NAME))
 
 
 class StageProgressModel(Base):

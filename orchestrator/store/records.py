@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+# What an evaluation that names no runtime or precision runs on: torch eager at fp32, the
+# defaults of the evaluate stage's params and the only way evaluations ran before runtimes
+# existed (migration 0004 backfills old stores with them).
+DEFAULT_RUNTIME = "torch"
+DEFAULT_PRECISION = "fp32"
+
 
 @dataclass(frozen=True)
 class EnergyRecord:
@@ -126,6 +132,11 @@ class StageRecord:
     duration_s: float | None
     metrics: dict[str, Any]
     energy: EnergyRecord | None  # None when the stage reported no meter reading
+    # evaluate stages only (None for the others): the runtime and precision planned, and the
+    # version of the runtime that measured it (None until its result is recorded)
+    runtime: str | None = None
+    precision: str | None = None
+    runtime_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +208,8 @@ class PointRecord:
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One sweep point -- a compression chain evaluated on one target -- with its numbers.
+    """One sweep point -- a compression chain evaluated on one target by one runtime at
+    one precision -- with its numbers.
 
     Means and standard deviations are over the evaluation repeats (sample std; 0.0 for a
     single repeat). Metric fields are ``None`` unless the evaluate stage ``succeeded`` (or
@@ -206,7 +218,11 @@ class ResultRow:
     subtracted; ``net_energy_per_sample_j`` subtracts it); a per-domain figure is ``None``
     when that domain had no sensor, and ``energy_source`` says where each domain's figure
     came from (``estimate-tdp`` is an estimate, not a measurement). Model facts (params,
-    MACs, on-disk bytes, materialized) describe the last compression stage's artifact.
+    MACs, on-disk bytes, materialized) describe the last compression stage's artifact;
+    ``deployable_size_bytes`` is what the runtime's exported or compiled form of it occupies.
+    ``runtime_version``, ``threads`` (``{"intra_op", "inter_op"}``), the deployable's size
+    and ``top1_agreement`` (the share of samples whose top-1 matched the reference model
+    on the check batch; None when not checked) are those the measuring evaluation recorded.
     Computed from a :class:`PointRecord` by :mod:`orchestrator.report.aggregate`.
     """
 
@@ -245,6 +261,13 @@ class ResultRow:
     macs: int | None
     size_bytes: int | None
     materialized: bool | None
+    # How the point was deployed (defaults: a point of a store from before runtimes).
+    runtime: str = DEFAULT_RUNTIME
+    precision: str = DEFAULT_PRECISION
+    runtime_version: str | None = None
+    threads: dict[str, int] | None = None
+    deployable_size_bytes: int | None = None
+    top1_agreement: float | None = None
     # Not in ``results --format json`` (RESULT_FIELDS is a stable contract); used by reports.
     carbon_g_per_sample_std: float | None = None
     stage_kinds: tuple[str, ...] = ()  # kinds of ``stage_keys``, e.g. ("train", "prune")

@@ -2,13 +2,15 @@
 
 Outbound, ORM rows become the frozen records of :mod:`orchestrator.store.records`
 (readers never see a row); inbound, a worker's :class:`~workers.types.EnergyReading`
-becomes the meter columns of :class:`~orchestrator.store.models.EnergyColumns`. Nothing
-here opens a session or computes a statistic: aggregation is
-:mod:`orchestrator.report.aggregate`'s.
+becomes the meter columns of :class:`~orchestrator.store.models.EnergyColumns`, and an
+evaluation's params and result metrics its runtime columns (runtime, precision, runtime
+version) of :class:`~orchestrator.store.models.StageModel`. Nothing here opens a session
+or computes a statistic: aggregation is :mod:`orchestrator.report.aggregate`'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.store.models import (
@@ -22,6 +24,8 @@ from orchestrator.store.models import (
     SweepModel,
 )
 from orchestrator.store.records import (
+    DEFAULT_PRECISION,
+    DEFAULT_RUNTIME,
     ArtifactRecord,
     AttemptRecord,
     EnergyRecord,
@@ -56,6 +60,24 @@ def energy_values(energy: EnergyReading | None) -> dict[str, Any]:
 
 
 METER_COLUMNS: tuple[str, ...] = tuple(energy_values(EnergyReading(duration_s=0.0)))
+
+
+def deployment_values(target: str | None, params: Mapping[str, Any]) -> dict[str, str | None]:
+    """The ``runtime`` and ``precision`` columns of a planned stage: an evaluation (the
+    stages with a target) runs on its params' runtime at their precision, torch / fp32 when
+    they name none; other stages have neither."""
+    if target is None:
+        return {"runtime": None, "precision": None}
+    return {"runtime": str(params.get("runtime") or DEFAULT_RUNTIME),
+            "precision": str(params.get("precision") or DEFAULT_PRECISION)}
+
+
+def runtime_version(metrics: Mapping[str, Any]) -> str | None:
+    """The version of the runtime a result's metrics say measured it
+    (``metrics["runtime"]["runtime_version"]``); None for results that ran none."""
+    described = metrics.get("runtime")
+    version = described.get("runtime_version") if isinstance(described, Mapping) else None
+    return None if version is None else str(version)
 
 
 def first_line(text: str | None) -> str | None:
@@ -133,6 +155,9 @@ def stage_record(row: StageModel) -> StageRecord:
         duration_s=row.duration_s,
         metrics=dict(row.metrics),
         energy=energy_record(row),
+        runtime=row.runtime,
+        precision=row.precision,
+        runtime_version=row.runtime_version,
     )
 
 

@@ -27,7 +27,7 @@ from orchestrator.store.models import (
     StageProgressModel,
     utcnow,
 )
-from orchestrator.store.rows import energy_values, first_line, total_energy_j
+from orchestrator.store.rows import energy_values, first_line, runtime_version, total_energy_j
 from orchestrator.store.sql import SQLCore, close_attempts, upsert
 from workers.types import StageResult
 
@@ -117,7 +117,8 @@ class WritesMixin(SQLCore):
             session.execute(update(StageModel), [
                 {"sweep_id": sweep_id, "key": r.key, "status": r.status, "metrics": dict(r.metrics),
                  "error": first_line(r.error), "traceback": r.traceback, "node_id": r.node_id,
-                 "duration_s": r.duration_s, "finished_at": now, **energy_values(r.energy)}
+                 "duration_s": r.duration_s, "finished_at": now, "runtime_version": runtime_version(r.metrics),
+                 **energy_values(r.energy)}
                 for r in results])
             artifacts = [
                 {"key": r.artifact.key, "kind": r.kind, "path": r.artifact.path, "size_bytes": r.artifact.size_bytes,

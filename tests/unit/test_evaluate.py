@@ -146,7 +146,9 @@ def test_only_inference_inside_meter_windows(artifact_root, monkeypatch):
     finally:
         handle.remove()
     one_pass = ["begin", *["forward"] * 4, "end"]  # 360 samples in batches of 100
-    assert events == ["idle 0.05", "begin", "end", *["forward"] * 3, *one_pass * 2]
+    # first the agreement check (the torch model and the deployable on the first batch),
+    # then idle, the warm-up and the windows
+    assert events == ["forward", "forward", "idle 0.05", "begin", "end", *["forward"] * 3, *one_pass * 2]
     assert len(meters) == 1
 
 

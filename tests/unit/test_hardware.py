@@ -11,7 +11,7 @@ from workers.hardware import describe_node
 
 KEYS = {
     "hostname", "cpu_model", "cpu_count_logical", "memory_total_bytes", "os", "machine",
-    "python", "torch", "timm", "cuda", "gpus",
+    "python", "torch", "timm", "cuda", "gpus", "cpu_flags", "runtimes",
 }
 
 

@@ -15,7 +15,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.plan import Plan, build_plan, canonical_json, root_key, stage_key
 from orchestrator.spec import SweepSpec, load_spec, parse_spec
-from workers.stages.registry import stage_label
+from workers.stages.registry import get_kind, stage_label
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
@@ -81,7 +81,8 @@ def test_stage_key_is_sha256_of_parent_kind_and_canonical_params():
 def test_every_key_is_recomputable_from_its_parent(qs: Plan):
     for s in qs.stages:
         assert len(s.key) == 24 and all(c in "0123456789abcdef" for c in s.key)
-        assert s.key == stage_key(s.parent_key or qs.root_key, s.kind, dict(s.params))
+        material = get_kind(s.kind).key_material(s.params, s.inputs)  # params less unkeyed defaults
+        assert s.key == stage_key(s.parent_key or qs.root_key, s.kind, material)
 
 
 # -- stability -----------------------------------------------------------------------------
@@ -208,7 +209,8 @@ def test_checkpoint_plan_has_no_train_and_roots_at_the_first_stage(tmp_path: Pat
     baseline, = [p for p in plan.points if p.pipeline == "baseline"]
     assert baseline.stage_keys == () and baseline.label == "baseline"
     ev = plan.stage(baseline.eval_key)
-    assert ev.parent_key is None and ev.key == stage_key(plan.root_key, "evaluate", dict(ev.params))
+    assert ev.parent_key is None and ev.key == stage_key(plan.root_key, "evaluate",
+                                                         get_kind("evaluate").key_material(ev.params, ev.inputs))
     for s in plan.stages:
         if s.kind == "prune":
             assert s.parent_key is None and s.key == stage_key(plan.root_key, "prune", dict(s.params))

@@ -91,7 +91,8 @@ def test_every_mode_quantizes_and_shrinks_the_weights(root, quantized, weights, 
     assert manifest["params"] == sum(p.numel() for p in parent.parameters())  # logical elements, not bytes
     assert manifest["macs"] == models.count_macs(parent, SHAPE)
     assert manifest["compression"]["chain"][-1] == {
-        "kind": "quantize", "weights": weights, "activations": activations, "calibration_batches": 2, "batch_size": 16
+        "kind": "quantize", "weights": weights, "activations": activations, "calibration_batches": 2, "batch_size": 16,
+        "engine": "quanto", "mode": "static", "per_channel": False
     }
     inputs = torch.randn(8, *SHAPE)
     with torch.no_grad():

@@ -260,7 +260,8 @@ def test_quickstart_stage_templates():
     assert combos[0][1] == {"method": "structured", "ratio": 0.3, "mode": "all", "importance": "l1"}
     quant = spec.pipelines[3].stages[1]
     assert [full for _, full in quant.combinations()] == [
-        {"weights": "int8", "activations": a, "calibration_batches": 8, "batch_size": 64} for a in ("none", "int8")
+        {"weights": "int8", "activations": a, "calibration_batches": 8, "batch_size": 64, "engine": "quanto",
+         "mode": "static", "per_channel": False} for a in ("none", "int8")
     ]
 
 
@@ -287,7 +288,8 @@ def test_defaults_are_filled():
         defaults.batch_size, defaults.warmup_batches, defaults.repeats)
     assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 3,
                                                "min_window_s": 5.0, "idle_s": 2.0,
-                                               "warmup_s": 3.0}
+                                               "warmup_s": 3.0, "runtime": "torch", "precision": "fp32"}
+    assert (spec.evaluate.runtimes, spec.evaluate.precisions) == (("torch",), ("fp32",))
     assert spec.max_points == 1000 and spec.store_url is None
     assert count_points(spec) == 1
 

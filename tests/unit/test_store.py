@@ -154,7 +154,7 @@ def test_open_creates_schema_on_empty_database(db_url: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
-    assert current(db_url) == head() == "0003"
+    assert current(db_url) == head() == "0004"
     assert upgrade(db_url) == head()  # idempotent
 
 
@@ -585,3 +585,57 @@ def test_carbon_and_net_energy(store: Store) -> None:
     store.record_stage_result(sid, eval_result("k-eval0", [0.9], energy_j=None))
     store.record_carbon(sid, "k-eval0", Intensity(g_co2_per_kwh=360.0, source="s", kind="average", region="FR"))
     assert store.results(sid)[0].carbon_g_per_sample is None
+
+
+# ------------------------------------------------------------------ runtimes (0004)
+
+
+def runtime_metrics(runtime: str, version: str, precision: str = "fp32", top1_agreement: float = 1.0) -> dict:
+    """What an evaluation on *runtime* records beside its repeats (workers/stages/evaluate)."""
+    return {"params": 1, "macs": 2, "size_bytes": 3, "materialized": False, "deployable_size_bytes": 5000,
+            "runtime": {"runtime": runtime, "runtime_version": version, "precision": precision, "device": "cpu",
+                        "threads": {"intra_op": 2, "inter_op": 1}, "settings": {}},
+            "agreement": {"top1_agreement": top1_agreement, "max_abs_diff": 1e-6, "max_abs_logit": 9.0,
+                          "reference": "the float parent (torch fp32)"}}
+
+
+def test_evaluations_carry_their_runtime_precision_and_version(store: Store) -> None:
+    """create_sweep fills runtime / precision of the stages with a target from their params
+    (torch / fp32 when they name none); a recorded result adds the runtime's version."""
+    onnx = {"key": "k-eval-ort", "kind": "evaluate", "params": {"target": "cpu", "runtime": "onnxruntime",
+                                                                "precision": "fp32"},
+            "parent_key": "k-quant", "target": "cpu"}
+    points = [*POINTS, {**POINTS[1], "point_index": 2, "eval_key": "k-eval-ort"}]
+    sid = "sw-000000000001"
+    store.create_sweep(sid, "tiny", "name: tiny\n", "hash", "/artifacts", [*STAGES, onnx], points,
+                       naive_stage_count=7)
+    by_key = {s.key: s for s in store.stages(sid)}
+    assert (by_key["k-train"].runtime, by_key["k-train"].precision) == (None, None)
+    assert (by_key["k-eval1"].runtime, by_key["k-eval1"].precision) == ("torch", "fp32")
+    assert (by_key["k-eval-ort"].runtime, by_key["k-eval-ort"].precision) == ("onnxruntime", "fp32")
+    assert all(s.runtime_version is None for s in by_key.values())
+
+    store.record_stage_result(sid, replace(eval_result("k-eval-ort", [0.79, 0.81]),
+                                           metrics=runtime_metrics("onnxruntime", "1.20.1", top1_agreement=0.98)))
+    store.record_stage_result(sid, replace(eval_result("k-eval1", [0.8]), metrics=runtime_metrics("torch", "2.6.0")))
+    store.record_stage_result(sid, artifact_result("k-train", "train"))  # no runtime: the column stays empty
+    by_key = {s.key: s for s in store.stages(sid)}
+    assert by_key["k-eval-ort"].runtime_version == "1.20.1" and by_key["k-eval1"].runtime_version == "2.6.0"
+    assert by_key["k-train"].runtime_version is None
+
+    rows = store.results(sid)
+    assert [(r.point_index, r.runtime, r.precision) for r in rows] == [
+        (0, "torch", "fp32"), (1, "torch", "fp32"), (2, "onnxruntime", "fp32")]
+    ort = rows[2]
+    assert (ort.runtime_version, ort.threads, ort.deployable_size_bytes) == ("1.20.1", {"intra_op": 2, "inter_op": 1},
+                                                                             5000)
+    assert ort.top1_agreement == pytest.approx(0.98) and ort.top1 == pytest.approx(0.80)
+    unmeasured = rows[0]
+    assert (unmeasured.runtime_version, unmeasured.threads, unmeasured.top1_agreement) == (None, None, None)
+
+    # A reused evaluation reports the version of the sweep that measured it.
+    store.create_sweep("sw-000000000002", "tiny", "name: tiny\n", "hash", "/artifacts", [*STAGES, onnx], points,
+                       naive_stage_count=7)
+    store.mark_stage_reused("sw-000000000002", "k-eval-ort")
+    again = store.results("sw-000000000002")[2]
+    assert (again.status, again.runtime, again.runtime_version) == ("reused", "onnxruntime", "1.20.1")

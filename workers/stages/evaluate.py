@@ -21,6 +21,13 @@ account of which sensors it used and why it skipped the others. Over the repeats
 time and energy figure gets its mean, sample std and coefficient of variation (std /
 mean), so a reader can tell a difference between models from run-to-run noise.
 
+The model runs on the runtime and at the precision the task names (``runtime``,
+``precision``; :mod:`workers.backends`), prepared before any timing. Before the idle
+baseline, the deployable is checked against the torch model on the first batch: an fp32
+deployable of a float model must agree within ``1e-4 + 1e-3 * max |logit|`` and on every
+top-1 (else the stage fails, naming the difference); reduced-precision and quantized
+deployables report their agreement. Accuracy is always counted on the runtime itself.
+
 Inference runs under ``torch.no_grad()``, not ``torch.inference_mode()``: optimum-quanto's
 int4 kernels fail on inference tensors. Accuracy on the synthetic dataset is refused: it
 would be a meaningless number next to real ones.
@@ -35,15 +42,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from workers.backends.base import Deployable, ThreadSettings
+from workers.backends.base import Deployable, ThreadSettings, agreement, check_exact
 from workers.data import load_dataset
 from workers.meters import DOMAINS, Meter, make_meter
 from workers.stages.registry import EvaluateParams
 from workers.types import EnergyReading, EvalRepeat, StageOutput, StageTask, WorkerEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-# The runtime and precision every evaluation runs at until the spec can choose them.
-RUNTIME, PRECISION = "torch", "fp32"
+DEPLOYABLES_DIR = ".deployables"  # under the artifact root: exported / compiled models, by content
 
 
 def run(task: StageTask, env: WorkerEnv) -> StageOutput:
@@ -75,7 +81,8 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
         zip(images.to(env.device).split(params.batch_size), labels.to(env.device).split(params.batch_size))
     )
     top_k = min(5, splits.num_classes)
-    deployable = _deploy(model, manifest, env, batches[0][0])
+    deployable = _deploy(model, manifest, task, params, env, batches[0][0])
+    checked = _check(model, manifest, deployable, batches[0][0])
 
     meter = make_meter(env.device)
     if params.idle_s > 0:
@@ -88,18 +95,60 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
         )
 
     metrics = {**_artifact_metrics(manifest), **_protocol_metrics(params, repeats), **_energy_metrics(repeats, meter),
-               "runtime": deployable.describe(), "deployable_size_bytes": deployable.size_bytes}
+               "runtime": deployable.describe(), "deployable_size_bytes": deployable.size_bytes,
+               "agreement": checked}
+    deployable.close()
     return StageOutput(metrics=metrics, repeats=repeats)
 
 
-def _deploy(model: nn.Module, manifest: dict[str, Any], env: WorkerEnv, example: torch.Tensor) -> Deployable:
-    """The model prepared by its runtime (torch eager: the module itself), with the
-    worker's CPUs as its intra-op threads."""
+def artifact_format(manifest: dict[str, Any]) -> str:
+    """The format of an artifact as its manifest describes it (see StageKind.artifact_format)."""
+    deploy = manifest.get("deploy")
+    if deploy:
+        return str(deploy["format"])
+    return "quanto" if manifest.get("quantized") else "torch"
+
+
+def _deploy(model: nn.Module, manifest: dict[str, Any], task: StageTask, params: EvaluateParams, env: WorkerEnv,
+            example: torch.Tensor) -> Deployable:
+    """The model prepared by the task's runtime at its precision, with the worker's CPUs
+    as its intra-op threads; exported forms are cached by content under the artifact root."""
+    from pathlib import Path
+
+    from workers.artifacts import artifact_dir
     from workers.backends import get_backend
 
-    backend = get_backend(RUNTIME).load()
-    return backend.prepare(model, manifest, precision=PRECISION, device=env.device,
-                           threads=ThreadSettings(intra_op=env.num_threads), example=example, cache_dir=None)
+    spec = get_backend(params.runtime)
+    if not spec.installed():
+        raise ValueError(f"runtime {params.runtime} is not installed on this node -- pip install {spec.package}")
+    reason = spec.pairing(artifact_format(manifest), params.precision)
+    if reason is not None:
+        raise ValueError(reason)
+    backend = spec.load()
+    why = backend.unsupported(env.device, params.precision)
+    if why is not None:
+        raise ValueError(f"{params.runtime} cannot run {params.precision} here: {why}")
+    keyed = task.parent_key is not None
+    return backend.prepare(model, manifest, precision=params.precision, device=env.device,
+                           threads=ThreadSettings(intra_op=env.num_threads), example=example,
+                           cache_dir=Path(task.artifact_root) / DEPLOYABLES_DIR if keyed else None,
+                           artifact_dir=artifact_dir(task.artifact_root, task.parent_key) if keyed else None)
+
+
+def _check(model: nn.Module, manifest: dict[str, Any], deployable: Deployable, images: torch.Tensor) -> dict[str, Any]:
+    """The deployable's agreement with the torch model on *images*; an fp32 deployable of
+    a float torch model must match it (:func:`~workers.backends.base.check_exact`)."""
+    fmt = artifact_format(manifest)
+    with torch.no_grad():
+        reference = model(images).float()
+        got = deployable.run(images).float()
+    found = agreement(reference, got)
+    if fmt == "torch" and deployable.precision == "fp32":
+        check_exact(found, f"{deployable.runtime} fp32")
+    # A runtime artifact carries its float parent's torch weights; a quanto artifact is
+    # its own torch model (its float parent is not on this node).
+    reference_name = "the float parent (torch fp32)" if fmt != "quanto" else "the quanto model (torch)"
+    return {**found, "reference": reference_name}
 
 
 def _warm_up(model: Deployable, batches: list[Batch], min_batches: int, min_s: float, device: str) -> None:

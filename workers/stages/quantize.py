@@ -55,13 +55,17 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     left in float, see the module docstring). The energy is that of quantization and
     calibration, not of loading, data preparation or saving.
     """
-    from optimum.quanto import freeze, quantize
-
-    from workers.modelio import load_parent, save_child
+    from workers.modelio import load_parent
 
     params = QuantizeParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)
     parent = load_parent(task)
+    if params.engine != "quanto":
+        return _run_runtime_engine(task, env, params, parent)
+    from optimum.quanto import freeze, quantize
+
+    from workers.modelio import save_child
+
     model = parent.model.to(env.device)
     activations = _QTYPES.get(params.activations)  # None for "none"
     calibration_images = _calibration_images(task, params, parent.input_shape) if activations else None
@@ -88,6 +92,44 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
             "size_bytes_after": artifact.size_bytes,
             "calibration_samples": 0 if calibration_images is None else len(calibration_images),
             "float_modules": len(float_modules),
+        },
+        artifact=artifact,
+        energy=energy,
+    )
+
+
+def _run_runtime_engine(task: StageTask, env: WorkerEnv, params: QuantizeParams, parent: Any) -> StageOutput:
+    """Quantize with the runtime's own tooling (:mod:`workers.stages.quantize_runtimes`):
+    the artifact keeps the float parent's torch files and carries the runtime's model."""
+    import tempfile
+    from pathlib import Path
+
+    from workers.modelio import save_child
+    from workers.stages.quantize_runtimes import quantize_onnxruntime, quantize_openvino
+
+    model = parent.model.to("cpu").eval()  # the runtimes' exporters trace on the CPU
+    static = params.mode == "static"
+    calibration = _calibration_images(task, params, parent.input_shape) if static else None
+    example = calibration[: params.batch_size] if calibration is not None else torch.zeros(2, *parent.input_shape)
+    with tempfile.TemporaryDirectory(prefix="greensweep-quantize-") as scratch:
+        meter = make_meter(env.device)
+        meter.begin()
+        if params.engine == "onnxruntime":
+            deploy = quantize_onnxruntime(model, example, calibration, mode=params.mode, per_channel=params.per_channel,
+                                          batch_size=params.batch_size, directory=Path(scratch))
+        else:
+            assert calibration is not None  # openvino is static only (QuantizeParams)
+            deploy = quantize_openvino(model, calibration, batch_size=params.batch_size, directory=Path(scratch))
+        energy = meter.end()
+        artifact = save_child(model, task, parent, params.model_dump(), materialized=True,
+                              extra={"float_parent": task.parent_key}, deploy=deploy)
+    return StageOutput(
+        metrics={
+            "size_bytes_before": parent.size_bytes,
+            "size_bytes_after": artifact.size_bytes,
+            "calibration_samples": 0 if calibration is None else len(calibration),
+            "engine": params.engine,
+            "float_modules": 0,
         },
         artifact=artifact,
         energy=energy,

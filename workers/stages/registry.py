@@ -128,19 +128,64 @@ class PruneParams(_Params):
         return self
 
 
+Engine = Literal["quanto", "onnxruntime", "openvino"]
+
+# The artifact format each quantization engine produces; backends declare the formats
+# they run (workers/backends), so the planner pairs a chain with the runtimes that can
+# run its last artifact.
+ENGINE_FORMATS: dict[str, str] = {"quanto": "quanto", "onnxruntime": "onnx", "openvino": "openvino"}
+
+
 class QuantizeParams(_Params):
-    """optimum-quanto quantization; activations are calibrated on train batches."""
+    """Post-training quantization; activations are calibrated on train batches.
+
+    ``engine``: ``quanto`` (optimum-quanto, a torch model with low-bit weights; its fast
+    kernels are CUDA-only), ``onnxruntime`` (``quantize_static`` with QDQ nodes, or
+    ``quantize_dynamic`` with ``mode: dynamic``: int8 weights, activations quantized at
+    run time) or ``openvino`` (NNCF post-training quantization of the OpenVINO model).
+    A runtime engine's model runs on that runtime only. ``per_channel`` (onnxruntime):
+    one weight scale per output channel.
+    """
 
     weights: Literal["int8", "float8", "int4"]
     activations: Literal["none", "int8", "float8"] = "none"
     calibration_batches: int = Field(8, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
+    engine: Engine = "quanto"
+    mode: Literal["static", "dynamic"] = "static"
+    per_channel: bool = False
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> "QuantizeParams":
+        if self.engine == "quanto":
+            if self.mode != "static" or self.per_channel:
+                raise ValueError("'mode' and 'per_channel' apply to engine onnxruntime; remove them or set "
+                                 "engine: onnxruntime")
+            return self
+        if self.weights != "int8":
+            raise ValueError(f"engine {self.engine} quantizes weights to int8 only; use weights: int8")
+        if self.engine == "openvino" and (self.mode != "static" or self.per_channel):
+            raise ValueError("engine openvino takes neither 'mode' nor 'per_channel' (NNCF quantizes weights "
+                             "per channel and calibrates activations); remove them")
+        if self.mode == "static" and self.activations != "int8":
+            raise ValueError(f"engine {self.engine} static quantization needs activations: int8 (or, for "
+                             "onnxruntime, mode: dynamic with activations: none)")
+        if self.mode == "dynamic" and self.activations != "none":
+            raise ValueError("mode: dynamic quantizes activations at run time; use activations: none")
+        return self
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
 class EvaluateParams(_Params):
-    """The evaluation protocol: unmeasured warm-up, the whole test split, N repeats."""
+    """The evaluation protocol: unmeasured warm-up, the whole test split, N repeats,
+    on one runtime at one precision (``auto``: the runtime's own choice, recorded)."""
 
     target: str = "local"
+    runtime: str = Field("torch", min_length=1)
+    precision: Precision = "fp32"
     batch_size: int = Field(64, ge=1, le=65_536)
     warmup_batches: int = Field(3, ge=0, le=10_000)
     # ... and at least this long: a CPU on a shared VM takes seconds to reach steady speed.
@@ -200,6 +245,14 @@ def _torch_format(params: Mapping[str, Any]) -> str:
     return "torch"
 
 
+def _quantize_format(params: Mapping[str, Any]) -> str:
+    return ENGINE_FORMATS[str(params.get("engine", "quanto"))]
+
+
+# Formats a stage that retrains, prunes or quantizes a torch model can start from.
+TORCH_FORMATS = ("torch", "quanto")
+
+
 @dataclass(frozen=True)
 class StageKind:
     """Everything the rest of the system needs to know about a stage kind.
@@ -240,6 +293,12 @@ class StageKind:
     curve_param: str | None = None
     # Internal kinds (benchmarks, tests) that a sweep spec may not name.
     hidden: bool = False
+    # The artifact formats a stage of this kind can start from (its parent's format);
+    # an evaluation runs whatever format a runtime declares it runs.
+    consumes: tuple[str, ...] = TORCH_FORMATS
+    # Parameters added after stores existed: left out of the stage key while they hold
+    # their default, so the keys (and stored results) of stages without them stay valid.
+    unkeyed_defaults: tuple[str, ...] = ()
 
     def load_runner(self) -> Callable[..., Any]:
         module, _, func = self.runner.partition(":")
@@ -276,7 +335,9 @@ class StageKind:
         """What the stage key hashes: the params plus the content digest of each file a
         reference names (``<param>_sha256``), so keys follow file content, not names."""
         digests = dict(inputs.files)
-        out = dict(params)
+        defaults = _param_defaults(self.params)
+        out = {name: value for name, value in params.items()
+               if not (name in self.unkeyed_defaults and name in defaults and defaults[name] == value)}
         for name in self.references:
             value = str(params.get(name) or "")
             if value.startswith(CHECKPOINT_PREFIX) and value.removeprefix(CHECKPOINT_PREFIX) in digests:
@@ -306,9 +367,10 @@ def register_kind(kind: StageKind) -> StageKind:
         raise ValueError(f"stage kind name {kind.name!r}: use lower-case letters, digits and '_'")
     if kind.role == "evaluation" and kind.produces_artifact:
         raise ValueError(f"stage kind {kind.name!r}: an evaluation produces no artifact")
-    for name in kind.references:
-        if name not in kind.params.model_fields:
-            raise ValueError(f"stage kind {kind.name!r}: reference {name!r} is not one of its parameters")
+    for what, names in (("reference", kind.references), ("unkeyed default", kind.unkeyed_defaults)):
+        for name in names:
+            if name not in kind.params.model_fields:
+                raise ValueError(f"stage kind {kind.name!r}: {what} {name!r} is not one of its parameters")
     STAGE_KINDS[kind.name] = kind
     return kind
 
@@ -323,13 +385,14 @@ for _kind in (
               default_duration_s=600.0, label="baseline training"),
     StageKind("prune", PruneParams, "workers.stages.prune:run", True, True, label="pruning",
               keeps_zeros=_unstructured, curve_param="ratio"),
-    StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True, label="quantization"),
+    StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True, label="quantization",
+              artifact_format=_quantize_format, unkeyed_defaults=("engine", "mode", "per_channel")),
     StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True, may_wait=True,
               default_duration_s=300.0, label="fine-tuning"),
     StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
               default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
-              label="evaluation"),
+              label="evaluation", unkeyed_defaults=("runtime", "precision")),
     StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True,
               default_duration_s=1.0, label="no-op", hidden=True),
 ):
