@@ -43,9 +43,14 @@ def plan(spec_path: Path, as_json: bool) -> None:
         on = f" on {pt.runtime} {pt.precision}" if several else ""
         click.echo(f"  [{pt.index:3d}] {pt.label}  @ {pt.target}{on}")
     if p.unpaired:
-        click.echo(f"not points ({len(p.unpaired)}: the runtime cannot run that model at that precision):")
+        by_reason: dict[str, list[str]] = {}
         for u in p.unpaired:
-            click.echo(f"  - {u.label}  @ {u.target} on {u.runtime} {u.precision}: {u.reason}")
+            names = by_reason.setdefault(u.reason, [])
+            if u.label.split(":")[0] not in names:
+                names.append(u.label.split(":")[0])
+        click.echo(f"not points: {len(p.unpaired)} combinations a runtime cannot run (plan --json lists each)")
+        for reason, names in by_reason.items():
+            click.echo(f"  - {reason}: {', '.join(names)}")
 
 
 class _Printed:

@@ -164,5 +164,5 @@ def test_evaluations_run_each_model_on_its_runtime_and_report_agreement(parents)
     q = run("q-cnn-ov", "cnn", "openvino")
     assert q["agreement"]["reference"] == "the float parent (torch fp32)"
     assert 0 < q["agreement"]["top1_agreement"] <= 1 and q["deployable_size_bytes"] > 0
-    with pytest.raises(ValueError, match="a openvino model runs on openvino, not on onnxruntime"):
+    with pytest.raises(ValueError, match="an openvino model runs on openvino, not on onnxruntime"):
         run("q-cnn-ov", "cnn", "onnxruntime")

@@ -73,7 +73,7 @@ def test_a_runtime_is_one_registration() -> None:
 def test_pairing_says_why_a_runtime_cannot_run_a_model() -> None:
     ort, ov, torch_ = (get_backend(n) for n in ("onnxruntime", "openvino", "torch"))
     assert ort.pairing("torch", "fp32") is None and ov.pairing("openvino", "auto") is None
-    assert ort.pairing("openvino", "fp32") == "a openvino model runs on openvino, not on onnxruntime"
+    assert ort.pairing("openvino", "fp32") == "an openvino model runs on openvino, not on onnxruntime"
     assert torch_.pairing("quanto", "bf16") == "torch runs a quanto model at fp32, not bf16"
     assert ort.pairing("torch", "fp16", "cpu") == "onnxruntime on cpu runs fp32, not fp16"
     assert ort.pairing(None, "fp16", "cuda") is None

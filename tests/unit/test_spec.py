@@ -236,15 +236,16 @@ def test_quickstart_parses():
     assert spec.model.checkpoint is None and spec.model.pretrained is False and spec.checkpoint_sha256 is None
     assert (spec.dataset.name, spec.dataset.path, dict(spec.dataset.options)) == ("digits", None, {})
     assert spec.train == TrainParams(epochs=30, lr=0.002, weight_decay=0.05, batch_size=64).model_dump(mode="json")
-    assert [p.name for p in spec.pipelines] == ["unstructured", "structured", "quantize", "structured-int8"]
-    assert [len(p.stages) for p in spec.pipelines] == [1, 1, 1, 2]
+    assert [p.name for p in spec.pipelines] == ["unstructured", "structured", "quanto-int8", "ort-int8", "ov-int8"]
+    assert [len(p.stages) for p in spec.pipelines] == [1, 1, 1, 1, 2]
     assert spec.evaluate.targets == ("local",)
+    assert spec.evaluate.runtimes == ("torch", "onnxruntime", "openvino") and spec.evaluate.precisions == ("fp32", "auto")
     assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (64, 3, 5)
     assert spec.evaluate.baseline is True
     assert spec.store_url is None and spec.max_points == 1000
     assert spec.source_text == QUICKSTART.read_text()
     assert spec.spec_hash == hashlib.sha256(QUICKSTART.read_bytes()).hexdigest()
-    assert count_points(spec) == 11
+    assert count_points(spec) == 7 * 3 * 2  # chains x runtimes x precisions: an upper bound of the points
 
 
 def test_quickstart_stage_templates():
@@ -258,10 +259,10 @@ def test_quickstart_stage_templates():
         {"method": "structured", "mode": "all", "ratio": 0.6},
     ]
     assert combos[0][1] == {"method": "structured", "ratio": 0.3, "mode": "all", "importance": "l1"}
-    quant = spec.pipelines[3].stages[1]
+    quant = spec.pipelines[4].stages[1]
     assert [full for _, full in quant.combinations()] == [
-        {"weights": "int8", "activations": a, "calibration_batches": 8, "batch_size": 64, "engine": "quanto",
-         "mode": "static", "per_channel": False} for a in ("none", "int8")
+        {"weights": "int8", "activations": "int8", "calibration_batches": 8, "batch_size": 64, "engine": "openvino",
+         "mode": "static", "per_channel": False}
     ]
 
 

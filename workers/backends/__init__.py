@@ -60,13 +60,17 @@ class BackendSpec:
         if fmt is not None:
             if fmt not in self.runs:
                 runners = ", ".join(name for name, b in BACKENDS.items() if fmt in b.runs) or "no runtime"
-                return f"a {fmt} model runs on {runners}, not on {self.name}"
+                return f"{_a(fmt)} model runs on {runners}, not on {self.name}"
             if precision not in self.runs[fmt]:
-                return f"{self.name} runs a {fmt} model at {', '.join(self.runs[fmt])}, not {precision}"
+                return f"{self.name} runs {_a(fmt)} model at {', '.join(self.runs[fmt])}, not {precision}"
         if device_kind is not None and precision not in self.devices.get(device_kind, ()):
             have = ", ".join(self.devices.get(device_kind, ())) or "nothing"
             return f"{self.name} on {device_kind} runs {have}, not {precision}"
         return None
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 BACKENDS: dict[str, BackendSpec] = {}
