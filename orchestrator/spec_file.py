@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import SpecError
-from workers.stages.registry import EvaluateParams, Precision
+from workers.stages.registry import PRECISIONS, EvaluateParams
 
 DEFAULT_MAX_POINTS = 1000
 MAX_INPUT_SIDE = 8192
@@ -73,7 +73,7 @@ class _EvaluateSection(_Strict):
     baseline: bool = True  # also evaluate the uncompressed model
     # Grid axes of evaluation: every model on every (target, runtime, precision) it can run on.
     runtimes: list[str] | str = Field(default_factory=lambda: ["torch"])
-    precision: list[Precision] | Precision = Field(default_factory=lambda: ["fp32"])
+    precision: list[str] | str = Field(default_factory=lambda: ["fp32"])
 
     @field_validator("targets")
     @classmethod
@@ -92,15 +92,24 @@ class _EvaluateSection(_Strict):
             raise ValueError("values must be unique")
         return values
 
+    @field_validator("precision")
+    @classmethod
+    def _known_precisions(cls, v: list[str]) -> list[str]:
+        return _known("precision", v, PRECISIONS)
+
     @field_validator("runtimes")
     @classmethod
     def _known_runtimes(cls, v: list[str]) -> list[str]:
         from workers.backends import BACKENDS
 
-        for name in v:
-            if name not in BACKENDS:
-                raise ValueError(f"unknown runtime {name!r}; known runtimes: {', '.join(BACKENDS)}")
-        return v
+        return _known("runtime", v, tuple(BACKENDS))
+
+
+def _known(what: str, values: list[str], known: tuple[str, ...]) -> list[str]:
+    for value in values:
+        if value not in known:
+            raise ValueError(f"unknown {what} {value!r}; use {', '.join(known)}")
+    return values
 
 
 class _LimitsSection(_Strict):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from workers.backends.base import Backend
 
 # "auto": the runtime's own choice (OpenVINO: bf16 on CPUs with AMX), recorded as chosen.
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+from workers.stages.registry import PRECISIONS  # noqa: E402  (the evaluate kind's parameter values)
 
 
 @dataclass(frozen=True)
