@@ -7,9 +7,11 @@ unit tests) and the only writer to the store. Each tick of :meth:`Coordinator.st
 1. heartbeat (every ``heartbeat_s``): stamp the sweep and the artifact claims it holds;
    a ``greensweep cancel`` seen here stops the sweep;
 2. reuse stages whose artifact already exists (this sweep's store or another sweep's);
-3. place ready stages on free worker slots (:mod:`orchestrator.scheduler`: ``fifo``, or
-   carbon-aware with the decision and its ``fifo`` counterfactual stored), claiming an
-   artifact key first so two sweeps never build the same artifact at once;
+3. form cohorts of ready evaluations on free slots of their target (:meth:`_dispatch_cohorts`:
+   measured together, with the reference, in one call), then place the other ready stages
+   on free worker slots (:mod:`orchestrator.scheduler`: ``fifo``, or carbon-aware with the
+   decision and its ``fifo`` counterfactual stored), claiming an artifact key first so two
+   sweeps never build the same artifact at once;
 4. wait (bounded) for results and persist every one that is ready in one transaction.
 
 Failure handling: a stage that raises is ``failed`` (error and traceback stored) and its
@@ -21,7 +23,10 @@ node left fails with a message naming that type. Every wait is bounded.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -46,13 +51,17 @@ from orchestrator.sweep import (  # noqa: F401 - re-exported: callers import the
     coordinator_id,
     task_for,
 )
-from workers.types import StageResult
+from workers.types import Cohort, StageResult
 
 WAIT_TICK_S = 1.0  # the longest a tick waits for a result
 PROGRESS_POLL_S = 5.0  # how often running stages' progress reports are drained
 BATCH_WINDOW_S = 0.02  # how long a tick waits to collect a batch of short stages
 CARBON_FINISH_S = 30.0  # how long a finished run waits for carbon figures still being fetched
 SHORT_STAGE_S = 0.5  # stages of a kind whose median run is shorter may queue on a busy worker
+# A cohort holds every member's model and deployable in memory at once: at most this share
+# of the node's memory, at COHORT_BYTES_PER_ARTIFACT_BYTE x each artifact's on-disk size.
+COHORT_MEMORY_FRACTION = 0.25
+COHORT_BYTES_PER_ARTIFACT_BYTE = 4
 
 
 @dataclass
@@ -107,6 +116,9 @@ class Coordinator:
         # dispatch): (stage, future of its Intensity), recorded as they arrive
         self._carbon_jobs: list[tuple[PlannedStage, Future]] = []
         self._carbon_pool: ThreadPoolExecutor | None = None
+        # stages of kinds measured in cohorts (evaluations), and each node's memory
+        self._cohort_keys = [s.key for s in plan.stages if self._in_cohorts(s)]
+        self._node_memory: dict[str, int | None] | None = None
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -235,6 +247,10 @@ class Coordinator:
                 continue  # checked once when it became ready, and while another sweep builds it
             self._reuse_checked.add(stage.key)
             ready.append(stage)
+        cohort_ready = [s for s in ready if self._in_cohorts(s)]
+        if cohort_ready:
+            self._dispatch_cohorts(cohort_ready)
+            ready = [s for s in ready if not self._in_cohorts(s)]
         if not ready:
             return
         queued = {id(sl): list(sl.busy_keys) for sl in self.pool.slots}
@@ -280,6 +296,88 @@ class Coordinator:
             handle = self.pool.submit(slot, [task], (keys, blobs))
             self.in_flight[handle] = [_Running(stage, slot, attempts[stage.key], now, mono)]
             self.progress.stage_started(stage, slot.node)
+
+    def _dispatch_cohorts(self, ready: list[PlannedStage]) -> None:
+        """Measure ready evaluations together: on each free slot, a cohort of the ready
+        evaluations it can run -- once ``cohort_size`` of them are ready, or none that is
+        not ready yet could join (its parents are all done: nothing waits on a stage that
+        may never run) -- with its target's reference in the same call (workers.types.Cohort).
+        Later evaluations form later cohorts, each with the reference measured again."""
+        size = self.spec.evaluate.cohort_size
+        taken: set[str] = set()
+        for slot in self.pool.slots:
+            if slot.busy_keys:
+                continue
+            candidates = [s for s in ready if s.key not in taken and compatible(s, slot.node)]
+            if not candidates:
+                continue
+            if len(candidates) < size and self._more_coming(slot):
+                continue
+            members = self._within_memory(candidates[:size], slot)
+            taken.update(s.key for s in members)
+            self._submit_cohort(slot, members)
+
+    def _in_cohorts(self, stage: PlannedStage) -> bool:
+        """Is *stage* measured in cohorts? Its kind has a cohort runner and the plan a
+        reference for its target (a plan built by hand may have none: one at a time)."""
+        return get_kind(stage.kind).cohort_runner is not None and (stage.target or "") in self.plan.references
+
+    def _more_coming(self, slot: Slot) -> bool:
+        """Could an evaluation *slot* runs still become ready (its parent not done yet)?"""
+        return any(self.status[k] == "pending" and k not in self._ready_keys
+                   and compatible(self.plan.stage(k), slot.node) for k in self._cohort_keys)
+
+    def _within_memory(self, members: list[PlannedStage], slot: Slot) -> list[PlannedStage]:
+        """The first of *members* whose models fit the node's memory budget (at least one)."""
+        if self._node_memory is None:
+            try:
+                self._node_memory = {n: f.get("memory_total_bytes") for n, f in self.pool.hardware().items()}
+            except Exception:  # noqa: BLE001 - no figure: no memory cap
+                self._node_memory = {}
+        memory = self._node_memory.get(slot.node.node_id)
+        if not memory:
+            return members
+        budget = COHORT_MEMORY_FRACTION * memory
+        out, used = [], self._model_bytes(self.plan.references[members[0].target or ""])
+        for st in members:
+            used += self._model_bytes(st)
+            if out and used > budget:
+                break
+            out.append(st)
+        return out
+
+    def _model_bytes(self, stage: PlannedStage) -> int:
+        manifest = read_manifest(self.artifact_root, stage.parent_key) if stage.parent_key else None
+        size = max(int(manifest.get("size_bytes", 0)), int(manifest.get("torch_size_bytes", 0))) if manifest else 0
+        return COHORT_BYTES_PER_ARTIFACT_BYTE * size
+
+    def _submit_cohort(self, slot: Slot, members: list[PlannedStage]) -> None:
+        reference = self.plan.references[members[0].target or ""]
+        keys = sorted(s.key for s in members)
+        seed = int(hashlib.sha256(f"{self.spec.seed}:{reference.key}:{','.join(keys)}".encode()).hexdigest()[:8], 16)
+        cohort = Cohort(id=f"c-{uuid.uuid4().hex[:12]}", seed=seed,
+                        reference=task_for(self.spec, self.sweep_id, reference, self.artifact_root),
+                        reference_shown=any(s.key == reference.key for s in members))
+        ship_keys: list[str] = []
+        ship_refs: list[Any] = []
+        for st in [reference, *members]:
+            for k, ref in zip(*self._shipment(st)):
+                if k not in ship_keys:
+                    ship_keys.append(k)
+                    ship_refs.append(ref)
+        for st in members:
+            slot.busy_keys.append(st.key)
+        attempts = self.store.mark_stages_running(self.sweep_id, [(s.key, slot.node.node_id) for s in members])
+        now, mono = datetime.now(timezone.utc), time.monotonic()
+        tasks = []
+        for st in members:
+            self._set(st.key, "running")
+            tasks.append(dataclasses.replace(task_for(self.spec, self.sweep_id, st, self.artifact_root),
+                                             cohort=cohort))
+        handle = self.pool.submit(slot, tasks, (tuple(ship_keys), ship_refs))
+        self.in_flight[handle] = [_Running(st, slot, attempts[st.key], now, mono) for st in members]
+        for st in members:
+            self.progress.stage_started(st, slot.node)
 
     def _shipment(self, stage: PlannedStage) -> tuple[tuple[str, ...], list[Any]]:
         """Artifacts *stage* reads, as the pool's blob tokens, when nodes share no disk."""

@@ -40,6 +40,8 @@ _FLOAT_COLUMNS = (
     "top1", "top1_std", "top5", "time_per_sample_s", "time_per_sample_s_std", "throughput_samples_per_s",
     "energy_per_sample_j", "energy_per_sample_j_std", "net_energy_per_sample_j", "gpu_energy_per_sample_j",
     "cpu_energy_per_sample_j", "dram_energy_per_sample_j", "carbon_g_per_sample", "intensity_g_per_kwh", "top1_agreement",
+    "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high",
+    "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high",
 )
 _BOOL_COLUMNS = ("materialized",)
 

@@ -103,10 +103,16 @@ class Plan:
     points: tuple[PlannedPoint, ...]
     naive_stage_count: int  # stages a per-point runner (one chain per point) would execute
     unpaired: tuple[Unpaired, ...] = ()  # grid combinations a runtime cannot run, and why
+    # per target, the reference every cohort on it measures: the uncompressed model on torch
+    # at fp32 -- a stage of the plan when it is a point, else measured only for the ratios
+    references: Mapping[str, PlannedStage] = field(default_factory=dict)
     _by_key: Mapping[str, PlannedStage] = field(default_factory=dict, repr=False, compare=False)
 
     def stage(self, key: str) -> PlannedStage:
         return self._by_key[key]
+
+    def has_stage(self, key: str) -> bool:
+        return key in self._by_key
 
     def children(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {s.key: [] for s in self.stages}
@@ -267,9 +273,23 @@ def build_plan(spec: SweepSpec) -> Plan:
             raise SpecError(f"evaluate.runtimes: nothing can measure {label} ({'; '.join(sorted(set(reasons)))}) "
                             f"-- its {fmt} model runs on: {runs}; add one to evaluate.runtimes or change the pipeline")
 
+    references = {target: _reference(spec, evaluate.name, target, base_chain, rkey, root_inputs)
+                  for target in spec.evaluate.targets}
     ordered = tuple(stages.values())  # insertion order is parent-before-child
     return Plan(root_key=rkey, stages=ordered, points=tuple(points), naive_stage_count=naive,
-                unpaired=tuple(unpaired), _by_key=dict(stages))
+                unpaired=tuple(unpaired), references=references, _by_key=dict(stages))
+
+
+def _reference(spec: SweepSpec, kind: str, target: str, base_chain: list[PlannedStage], rkey: str,
+               root_inputs: StageInputs) -> PlannedStage:
+    """The evaluation of the uncompressed model on *target* on torch at fp32: the baseline
+    point's own stage when the sweep has that point (same key), else the same stage unplanned."""
+    sk = get_kind(kind)
+    params = spec.evaluate.params_for(target, "torch", "fp32")
+    parent = base_chain[-1].key if base_chain else None
+    return PlannedStage(stage_key(parent or rkey, kind, sk.key_material(params, StageInputs())), kind, params,
+                        parent, evaluation_label(kind, target, "torch", "fp32"), target,
+                        inputs=StageInputs() if base_chain else root_inputs)
 
 
 def evaluation_grid(spec: SweepSpec) -> list[tuple[str, str, str]]:

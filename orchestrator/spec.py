@@ -114,6 +114,8 @@ class EvaluateSpec:
     baseline: bool
     runtimes: tuple[str, ...] = ("torch",)
     precisions: tuple[str, ...] = ("fp32",)
+    # most evaluations measured together (besides the reference); not part of any key
+    cohort_size: int = 8
 
     def params_for(self, target: str, runtime: str = "torch", precision: str = "fp32") -> dict[str, Any]:
         return EvaluateParams(
@@ -399,6 +401,7 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             baseline=f.evaluate.baseline,
             runtimes=tuple(f.evaluate.runtimes),
             precisions=tuple(f.evaluate.precision),
+            cohort_size=f.evaluate.cohort_size,
         ),
         store_url=f.store,
         max_points=f.limits.max_points,

@@ -71,6 +71,9 @@ class _EvaluateSection(_Strict):
     min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
     idle_s: float = EvaluateParams.model_fields["idle_s"].default
     baseline: bool = True  # also evaluate the uncompressed model
+    # Evaluations of a node measured together, in interleaved rounds, with the reference
+    # (the uncompressed model on torch fp32) in every cohort; more form further cohorts.
+    cohort_size: int = Field(8, ge=1, le=64)
     # Grid axes of evaluation: every model on every (target, runtime, precision) it can run on.
     runtimes: list[str] | str = Field(default_factory=lambda: ["torch"])
     precision: list[str] | str = Field(default_factory=lambda: ["fp32"])

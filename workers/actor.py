@@ -70,14 +70,15 @@ class StageWorker:
         return self.run_many([task], ship_keys, *blobs)[0]
 
     def run_many(self, tasks: list[StageTask], ship_keys: tuple[str, ...] = (), *blobs: bytes) -> list[StageResult]:
-        """Run several stages in this one call, in order, one at a time (a cohort of
-        evaluations measured together); one result per task. The shipped artifacts and
-        files (*ship_keys* / *blobs*, for all of them) are installed once, first."""
+        """Run several stages in this one call, one result per task: in order, one at a
+        time -- or, when they carry a :class:`~workers.types.Cohort`, measured together by
+        their kind's cohort runner. The shipped artifacts and files (*ship_keys* / *blobs*,
+        for all of them) are installed once, first."""
         if self.cache_root is None:
-            return [self._run(task) for task in tasks]
+            return self._run_all(tasks)
         from workers.artifacts import FILE_PREFIX, install_file, pack, unpack
 
-        tasks = [dataclasses.replace(task, artifact_root=self.cache_root) for task in tasks]
+        tasks = [_with_root(task, self.cache_root) for task in tasks]
         try:
             for key, blob in zip(ship_keys, blobs):
                 if key.startswith(FILE_PREFIX):
@@ -90,12 +91,28 @@ class StageWorker:
                                 node_id=self.env.node_id, error=f"receiving its input artifact: {one_line(e)}",
                                 traceback=traceback.format_exc()) for task in tasks]
         results = []
-        for task in tasks:
-            result = self._run(task)
+        for task, result in zip(tasks, self._run_all(tasks)):
             if result.status == "succeeded" and result.artifact is not None:
                 result = dataclasses.replace(result, artifact_blob=pack(self.cache_root, task.key))
             results.append(result)
         return results
+
+    def _run_all(self, tasks: list[StageTask]) -> list[StageResult]:
+        if tasks and tasks[0].cohort is not None:
+            return self._run_cohort(tasks)
+        return [self._run(task) for task in tasks]
+
+    def _run_cohort(self, tasks: list[StageTask]) -> list[StageResult]:
+        """The cohort measured in one runner call; each stage's duration is its share of it."""
+        from workers.stages.registry import get_kind
+
+        start = time.perf_counter()
+        try:
+            outs: list[Any] = list(get_kind(tasks[0].kind).load_cohort_runner()(tasks, self.env))
+        except Exception as e:  # noqa: BLE001 - the whole cohort failed: every stage reports it
+            outs = [e] * len(tasks)
+        share = (time.perf_counter() - start) / len(tasks)
+        return [self._result(task, out, share) for task, out in zip(tasks, outs)]
 
     def _run(self, task: StageTask) -> StageResult:
         from workers.stages.registry import get_kind
@@ -107,22 +124,28 @@ class StageWorker:
         start = time.perf_counter()
         try:
             runner = get_kind(task.kind).load_runner()
-            out = runner(task, dataclasses.replace(self.env, report_progress=report))
+            out: Any = runner(task, dataclasses.replace(self.env, report_progress=report))
         except Exception as e:  # noqa: BLE001 - every stage error is reported, not raised
+            out = e
+        return self._result(task, out, time.perf_counter() - start)
+
+    def _result(self, task: StageTask, out: Any, duration_s: float) -> StageResult:
+        """A runner's output (a StageOutput, or the exception that stopped it) as a result."""
+        if isinstance(out, BaseException):
             return StageResult(
                 key=task.key,
                 kind=task.kind,
                 status="failed",
-                duration_s=time.perf_counter() - start,
+                duration_s=duration_s,
                 node_id=self.env.node_id,
-                error=one_line(e),
-                traceback=traceback.format_exc(),
+                error=one_line(out),
+                traceback="".join(traceback.format_exception(out)),
             )
         return StageResult(
             key=task.key,
             kind=task.kind,
             status="succeeded",
-            duration_s=time.perf_counter() - start,
+            duration_s=duration_s,
             node_id=self.env.node_id,
             metrics=dict(out.metrics),
             artifact=out.artifact,
@@ -131,13 +154,26 @@ class StageWorker:
         )
 
 
+def _with_root(task: StageTask, root: str) -> StageTask:
+    """*task* (and its cohort's reference) reading and writing under *root*."""
+    task = dataclasses.replace(task, artifact_root=root)
+    if task.cohort is not None:
+        reference = dataclasses.replace(task.cohort.reference, artifact_root=root)
+        task = dataclasses.replace(task, cohort=dataclasses.replace(task.cohort, reference=reference))
+    return task
+
+
 def _with_local_file(task: StageTask, entry: str, local: Any) -> StageTask:
-    """*task* reading the node-local copy *local* wherever it named the shipped file."""
+    """*task* (and its cohort's reference) reading the node-local copy *local* wherever it
+    named the shipped file."""
     from workers.artifacts import parse_file_entry
+    from workers.stages.registry import get_kind
 
     _, path = parse_file_entry(entry)
     if task.model.checkpoint == path:
         task = dataclasses.replace(task, model=dataclasses.replace(task.model, checkpoint=str(local)))
-    from workers.stages.registry import get_kind
-
-    return dataclasses.replace(task, params=get_kind(task.kind).localize(task.params, path, str(local)))
+    task = dataclasses.replace(task, params=get_kind(task.kind).localize(task.params, path, str(local)))
+    if task.cohort is not None:
+        reference = _with_local_file(task.cohort.reference, entry, local)
+        task = dataclasses.replace(task, cohort=dataclasses.replace(task.cohort, reference=reference))
+    return task

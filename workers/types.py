@@ -127,11 +127,30 @@ class StageTask:
     seed: int
     artifact_root: str
     attempt: int = 1
+    # evaluations measured together with others (all the tasks of one call share it)
+    cohort: Cohort | None = None
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """Evaluations of one node measured together (``workers.stages.evaluate.run_cohort``):
+    every model warmed up, then ``repeats`` rounds in which each gets one window, in an
+    order drawn from ``seed`` per round, with the ``reference`` -- the uncompressed model on
+    torch at fp32 -- in every round, so each model has a paired ratio to it.
+
+    ``reference_shown``: the reference's own evaluation is a point of the sweep, and then
+    one of the call's tasks (else it is measured only for the ratios)."""
+
+    id: str
+    seed: int
+    reference: StageTask
+    reference_shown: bool
 
 
 @dataclass(frozen=True)
 class EvalRepeat:
-    """One measured repeat of an evaluation over the whole test split."""
+    """One measured repeat of an evaluation over the whole test split; in a cohort,
+    ``repeat`` is the round and ``position`` the window's place in that round's order."""
 
     repeat: int
     samples: int
@@ -141,6 +160,7 @@ class EvalRepeat:
     time_per_sample_s: float
     throughput_samples_per_s: float
     energy: EnergyReading | None = None
+    position: int | None = None
 
 
 @dataclass(frozen=True)

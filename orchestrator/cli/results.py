@@ -148,8 +148,10 @@ def pareto(sweep_id: str | None, db: str | None, target: str | None, x_metric: s
 def report(sweep_id: str | None, db: str | None, out_path: Path | None) -> None:
     """One self-contained HTML report of SWEEP (images embedded; opens from disk, no server).
 
-    Spec, hardware seen, comparison table, Pareto plots per target, accuracy and energy
-    vs prune ratio, carbon-aware placement against fifo, energy sources, failures.
+    The answer first (per target and runtime, the cheapest model whose saving is
+    significant, and each target's noise floor), then the spec, hardware seen, comparison
+    table, Pareto plots per target, accuracy and energy vs prune ratio, carbon-aware
+    placement against fifo, energy sources, failures.
     """
     from orchestrator.report import build_comparison, build_report, placement_summary
 
@@ -161,7 +163,7 @@ def report(sweep_id: str | None, db: str | None, out_path: Path | None) -> None:
     rows = store.results(sweep_id)
     nodes_seen = store.nodes()
     page = build_report(sweep=store.get_sweep(sweep_id), rows=rows, stages=store.stages(sweep_id), nodes=nodes_seen,
-                        savings=savings, stage_counts=store.stage_counts(sweep_id))
+                        savings=savings, stage_counts=store.stage_counts(sweep_id), cohorts=store.cohorts(sweep_id))
     _write_output(out_path, page.encode("utf-8"), "--out")
     c = build_comparison(rows, nodes_seen)
     shape = f"{len(c.columns)} target x runtime columns" if c.has_runtimes else f"{len(c.targets)} targets"

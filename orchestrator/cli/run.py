@@ -70,12 +70,23 @@ class _Printed:
 
 
 def _report_outcome(outcome: Any, store: Any) -> None:
-    """The results table and the outcome line; exit 130 when cancelled, 1 when any stage failed."""
+    """The results table, the answer (per target and runtime, the cheapest model whose
+    saving is significant; when any point was measured in a cohort) and the outcome line;
+    exit 130 when cancelled, 1 when any stage failed."""
     from orchestrator.report import render_results
+    from orchestrator.report.answer import answer_lines
 
     sweep_id = outcome.sweep_id
+    rows = store.results(sweep_id)
     click.echo("")
-    click.echo(render_results(store.results(sweep_id), "table"))
+    click.echo(render_results(rows, "table"))
+    answer = answer_lines(rows)
+    if answer:
+        click.echo("")
+        click.echo("answer -- the cheapest model significantly faster than the baseline within 1 point of its "
+                   "top-1:")
+        for line in answer:
+            click.echo(f"  {line}")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(outcome.counts.items()))
     click.echo(f"sweep {sweep_id} {outcome.status} in {outcome.wall_s:.1f}s ({counts})")
     if outcome.carbon_aware:

@@ -34,7 +34,10 @@ def result_row(point: PointRecord) -> ResultRow:
     Energy sources, idle power and the grid intensity are the first repeat's: one cohort
     measures every repeat of a point alike. The runtime and precision are the evaluation's
     (torch / fp32 for a stage that has none); its runtime's version, threads, deployable
-    size and top-1 agreement are what the measuring evaluation recorded.
+    size and top-1 agreement are what the measuring evaluation recorded, and so are its
+    paired ratios, intervals and verdicts against its cohort's reference (its metrics'
+    ``paired``) and that reference's figures (its metrics' ``cohort``): all None for an
+    evaluation measured before cohorts.
     """
     from workers.stages.registry import stage_label  # pydantic: not imported by `import orchestrator.report`
 
@@ -65,6 +68,11 @@ def result_row(point: PointRecord) -> ResultRow:
     ran = _mapping(seen.get("runtime"))
     agreement = _mapping(seen.get("agreement"))
     threads = ran.get("threads")
+    measured = point.measured.metrics if point.measured is not None else {}
+    paired = _mapping(measured.get("paired"))
+    cohort = _mapping(measured.get("cohort"))
+    reference = _mapping(cohort.get("reference"))
+    follows = paired.get("energy_follows_time")
     return ResultRow(
         sweep_id=point.sweep_id,
         point_index=point.point_index,
@@ -109,9 +117,45 @@ def result_row(point: PointRecord) -> ResultRow:
         threads=dict(threads) if isinstance(threads, Mapping) else None,
         deployable_size_bytes=seen.get("deployable_size_bytes"),
         top1_agreement=agreement.get("top1_agreement"),
+        **{name: _number(paired.get(name)) for name in PAIRED_RATIOS},
+        **{name: _word(paired.get(name)) for name in PAIRED_VERDICTS},
         stage_kinds=tuple(s.kind if s is not None else "" for s in point.chain),
         stage_params=tuple(dict(s.params) if s is not None else {} for s in point.chain),
+        cohort_id=_word(cohort.get("id")),
+        reference_key=_word(cohort.get("reference_key")),
+        reference_top1=_number(reference.get("top1")),
+        reference_time_per_sample_s=_mean_of(reference.get("time_per_sample_s")),
+        reference_energy_per_sample_j=_mean_of(reference.get("energy_per_sample_j")),
+        energy_follows_time=follows if isinstance(follows, bool) else None,
+        time_ratio_cv=_number(paired.get("time_ratio_cv")),
     )
+
+
+# The result fields copied from an evaluation's ``metrics["paired"]`` (same names).
+PAIRED_RATIOS: tuple[str, ...] = (
+    "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high",
+    "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high",
+)
+PAIRED_VERDICTS: tuple[str, ...] = ("verdict_time", "verdict_energy", "verdict_top1")
+
+
+def _number(value: Any) -> float | None:
+    """A recorded figure as a float; None when absent or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _word(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _mean_of(values: Any) -> float | None:
+    """The mean of a recorded per-round list; None when absent or not all numbers."""
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    numbers = [_number(v) for v in values]
+    return None if any(n is None for n in numbers) else statistics.fmean(numbers)  # type: ignore[arg-type]
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -14,6 +14,12 @@ point (:data:`BEST_TOP1_DROP`) below the model's torch fp32 top-1 on that target
 where the model has no torch fp32 result on the target (:data:`BEST_RULE` says so in the
 output).
 
+A model measured in a cohort has, per cell, its time and energy as paired ratios to the
+baseline (the cohort's reference: the uncompressed model on torch fp32, measured in the
+same rounds) with their 95 % intervals, shown as ``0.52x [0.50, 0.55]``, and ``≈`` where
+the verdict is ``same``; an energy ratio that only repeats the time ratio (the figure is
+an estimate proportional to time, no sensor) says so beside it.
+
 ``compare --format json`` has this shape::
 
     {"sweep_id": ..., "targets": [...], "columns": [{"name", "target", "runtime", "precision"}],
@@ -40,7 +46,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.report.results import _SOURCE_MARK, _fmt_bytes, _fmt_count, _pairs, _pct, is_default_deployment
+from orchestrator.report.results import (
+    _SOURCE_MARK,
+    SAME,
+    _fmt_bytes,
+    _fmt_count,
+    _pairs,
+    _pct,
+    energy_ratio_text,
+    is_default_deployment,
+    time_ratio_text,
+)
 from orchestrator.store.records import DEFAULT_PRECISION, DEFAULT_RUNTIME, NodeRecord, ResultRow
 
 # What a cell (one model in one column) carries in the JSON and CSV.
@@ -50,6 +66,9 @@ CELL_FIELDS: tuple[str, ...] = (
     "energy_source", "carbon_g_per_sample", "carbon_g_per_sample_std", "intensity_g_per_kwh",
     "intensity_source", "intensity_kind",
     "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
+    "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high", "verdict_time",
+    "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high", "verdict_energy",
+    "verdict_top1", "energy_follows_time",
 )
 MODEL_FIELDS: tuple[str, ...] = (
     "model", "stages", "top1", "top1_std", "top1_min", "top1_max", "top5", "params", "macs",
@@ -58,6 +77,11 @@ MODEL_FIELDS: tuple[str, ...] = (
 
 SOURCES_NOTE = ("energy sources: est = estimated from TDP x CPU utilisation (no sensor), rapl / nvml = measured; "
                 "simulated = masks or fake-quant, same dense FLOPs as the baseline")
+
+RATIOS_NOTE = (f"vs baseline: median paired ratio to the uncompressed model on torch fp32 measured in the same "
+               f"rounds, [95 % interval]; {SAME}: not significant (the interval reaches into [0.98, 1.02]); "
+               "faster / slower and cheaper / costlier only outside it")
+FOLLOWS_TIME = "estimate, follows time"  # beside an energy ratio that an estimate proportional to time repeats
 
 BEST_TOP1_DROP = 0.01  # top-1 (a fraction) a runtime may lose against torch fp32 and still be the best
 _ROUNDING = 1e-9  # 0.80 - 0.79 is 0.010000000000000009 in binary: a drop of exactly one point qualifies
@@ -172,6 +196,11 @@ class Comparison:
         runtimes, show top-1 per cell and mark the best runtime."""
         return not all(c.is_reference for c in self.columns)
 
+    @property
+    def has_ratios(self) -> bool:
+        """Whether any cell was measured in a cohort (then its ratios are shown)."""
+        return any(r.time_ratio_vs_baseline is not None for m in self.models for r in m.cells.values())
+
 
 def build_comparison(rows: Sequence[ResultRow], nodes: Iterable[NodeRecord] = ()) -> Comparison:
     """Fold sweep points into models x columns, in point order, and mark each model's
@@ -265,18 +294,31 @@ def source_marks(energy_source: dict[str, str] | None) -> str:
                     if src != "none")
 
 
+def energy_ratio_cell(r: ResultRow) -> str | None:
+    """The energy ratio with its interval, and ``(estimate, follows time)`` when the
+    energy figure is an estimate proportional to time; None without a ratio."""
+    text = energy_ratio_text(r)
+    if text is None:
+        return None
+    return f"{text} ({FOLLOWS_TIME})" if r.energy_follows_time else text
+
+
 def cell_lines(r: ResultRow | None, with_carbon: bool, *, with_top1: bool = False, best: bool = False) -> list[str]:
     """A cell as short lines: top-1 (*with_top1*: when runtimes or precisions differ),
-    time, energy (with its sources), carbon, and the best-runtime mark (*best*)."""
+    time and its ratio to the baseline, energy (with its sources) and its ratio, carbon,
+    and the best-runtime mark (*best*). Ratios appear for cells measured in a cohort."""
     if r is None:
         return ["not evaluated"]
     if r.time_per_sample_s is None:
         return [r.status]
     energy = _pm(r.energy_per_sample_j, r.energy_per_sample_j_std, 1e3, 3)
     marks = source_marks(r.energy_source)
+    time_ratio, energy_ratio = time_ratio_text(r), energy_ratio_cell(r)
     lines = [f"top-1 {_pct(r.top1)} %"] if with_top1 else []
     lines += [f"{_pm(r.time_per_sample_s, r.time_per_sample_s_std, 1e3, 4)} ms",
-              f"{energy} mJ" + (f" ({marks})" if marks and r.energy_per_sample_j is not None else "")]
+              *([f"time {time_ratio}"] if time_ratio else []),
+              f"{energy} mJ" + (f" ({marks})" if marks and r.energy_per_sample_j is not None else ""),
+              *([f"energy {energy_ratio}"] if energy_ratio else [])]
     if with_carbon:
         lines.append(f"{_pm(r.carbon_g_per_sample, r.carbon_g_per_sample_std, 1e6, 4)} µg")
     if best:
@@ -313,6 +355,8 @@ def notes_for(c: Comparison) -> list[str]:
                  + (", carbon / sample (µg CO2eq); mean ± std over repeats" if c.has_carbon
                     else "; mean ± std over repeats; no carbon figures (add a carbon: section to the spec to account "
                          "them)"))
+    if c.has_ratios:
+        notes.append(RATIOS_NOTE)
     if c.has_runtimes:
         notes.append(BEST_RULE)
     notes.append(SOURCES_NOTE)
@@ -379,9 +423,9 @@ def _md(text: str) -> str:
 
 
 def _markdown(c: Comparison) -> str:
-    carbon = c.has_carbon
-    per_column = [*(["top1 %"] if c.has_runtimes else []), "ms/sample", "mJ/sample",
-                  *(["µg CO2/sample"] if carbon else [])]
+    carbon, ratios = c.has_carbon, c.has_ratios
+    per_column = [*(["top1 %"] if c.has_runtimes else []), "ms/sample", *(["time vs baseline"] if ratios else []),
+                  "mJ/sample", *(["energy vs baseline"] if ratios else []), *(["µg CO2/sample"] if carbon else [])]
     head = ["model", "top1 %", *(f"{col.name} {h}" for col in c.columns for h in per_column), "params", "MACs", "size",
             "compression"]
     lines = ["| " + " | ".join(_md(h) for h in head) + " |",
@@ -393,7 +437,10 @@ def _markdown(c: Comparison) -> str:
             if r is None or r.time_per_sample_s is None:
                 cells += [r.status if r is not None else "not evaluated"] + ["-"] * (len(per_column) - 1)
                 continue
-            figures = cell_lines(r, carbon)
+            figures = cell_lines(r, carbon)  # time, [time ratio], energy, [energy ratio], [carbon]
+            if ratios:  # a ratio column for every cell, "-" where a cell has none (no energy figure)
+                plain = [line for line in figures if not line.startswith(("time ", "energy "))]
+                figures = [plain[0], time_ratio_text(r) or "-", plain[1], energy_ratio_cell(r) or "-", *plain[2:]]
             if m.best.get(col.target) == col.name:
                 figures[0] += " ★"
             cells += [*([_pct(r.top1)] if c.has_runtimes else []), *figures]

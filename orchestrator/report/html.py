@@ -21,17 +21,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from orchestrator.report.answer import ANSWER_RULE, NO_VERDICTS, answer_lines, noise_floors
 from orchestrator.report.compare import (
     BEST_RULE,
+    RATIOS_NOTE,
     SOURCES_NOTE,
     Comparison,
     build_comparison,
     model_cell_lines,
     model_top1_text,
 )
-from orchestrator.report.pareto import X_METRICS, Y_METRICS, Pareto, available_x, build_pareto
+from orchestrator.report.pareto import EQUATED_NOTE, X_METRICS, Y_METRICS, Pareto, available_x, build_pareto, cost_text
 from orchestrator.report.results import _fmt_bytes, _fmt_count, _pairs, deployment, has_runtimes
-from orchestrator.store.records import NodeRecord, ResultRow, StageRecord, SweepRecord
+from orchestrator.store.records import CohortRecord, NodeRecord, ResultRow, StageRecord, SweepRecord
 
 NO_PLACEMENT = "no carbon-aware placement recorded for this sweep"
 _SENSORS = frozenset({"nvml-counter", "nvml-power", "rapl"})
@@ -90,6 +92,24 @@ def _when(t: datetime | None) -> str:
 
 
 # ------------------------------------------------------------------ sections
+
+
+def _answer(rows: Sequence[ResultRow], cohorts: Sequence[CohortRecord]) -> str:
+    """What the sweep found, first: per target and runtime the cheapest model whose saving
+    is significant (:mod:`orchestrator.report.answer`), and the noise floor each target's
+    cohorts measured -- the size of difference the verdicts could not see."""
+    lines = answer_lines(rows)
+    body = ['<section id="answer"><h2>The answer</h2>']
+    if lines:
+        body.append('<ul id="answer-lines">' + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>")
+        body.append(f'<p class="muted">{_e(ANSWER_RULE[0].upper() + ANSWER_RULE[1:])}.</p>')
+    else:
+        body.append(f'<p id="answer-lines">{_e(NO_VERDICTS)}</p>')
+    floors = noise_floors(cohorts)
+    if floors:
+        body.append('<ul id="noise-floor">' + "".join(f"<li>{_e(f.line())}</li>" for f in floors) + "</ul>")
+    body.append("</section>")
+    return "".join(body)
 
 
 def _summary(sweep: SweepRecord, c: Comparison, counts: Mapping[str, int]) -> str:
@@ -178,6 +198,7 @@ def _comparison(c: Comparison, points: Sequence[ResultRow]) -> str:
     legend = ("Cells: " + ("top-1 (%), " if c.has_runtimes else "")
               + "time / sample (ms), energy / sample (mJ, gross, with where each domain's figure came from)"
               + (", carbon / sample (µg CO2eq)" if c.has_carbon else "") + "; mean ± std over the repeats. "
+              + (RATIOS_NOTE + ". " if c.has_ratios else "")
               + (BEST_RULE + ". " if c.has_runtimes else "") + SOURCES_NOTE + ".")
     return ('<section id="comparison"><h2>Cross-hardware comparison</h2>'
             + _table("comparison-table", head, rows, num=(1, *range(2, 2 + n), 2 + n, 3 + n, 4 + n))
@@ -191,7 +212,7 @@ def _frontier_table(p: Pareto) -> str:
     for f in p.fronts:
         rows = [[_e(q.row.point_index), _e(q.row.point), *([_e(deployment(q.row))] if several else []),
                  _e(f"{p.y.scale * q.y:.1f} ± {p.y.scale * (q.y_std or 0):.1f}"),
-                 _e(f"{p.x.scale * q.x:.4f} ± {p.x.scale * (q.x_std or 0):.4f}")] for q in f.frontier]
+                 _e(cost_text(q, p.x))] for q in f.frontier]
         out.append(f"<h3>{_e(f.target)}: {len(f.frontier)} of {len(f.points)} points non-dominated</h3>")
         out.append(_table(f"frontier-{p.x.name}-{f.target}", head, rows,
                           num=(0, len(head) - 2, len(head) - 1)))
@@ -217,6 +238,8 @@ def _pareto(rows: Sequence[ResultRow]) -> str:
                          + ("; one marker per runtime and precision, named in the legend." if p.has_runtimes
                             else ".")))
         body.append(_frontier_table(p))
+        if any(q.equated for f in p.fronts for q in f.frontier):
+            body.append(f'<p class="muted">{_e(EQUATED_NOTE)}.</p>')
     if "carbon" not in metrics and "energy" in metrics:
         body.append('<p class="muted">no carbon figures: add a carbon: section to the spec to account them.</p>')
     body.append("</section>")
@@ -345,8 +368,11 @@ def build_report(
     nodes: Sequence[NodeRecord],
     savings: Mapping[str, Any] | None,
     stage_counts: Mapping[str, int] | None = None,
+    cohorts: Sequence[CohortRecord] = (),
 ) -> str:
-    """The whole report as one HTML document (a str; write it as UTF-8)."""
+    """The whole report as one HTML document (a str; write it as UTF-8). It opens with
+    the answer (before the spec); *cohorts* (``Store.cohorts``) give each target's noise
+    floor."""
     c = build_comparison(rows, nodes)
     try:
         from importlib.metadata import version
@@ -356,6 +382,7 @@ def build_report(
         made_by = "greensweep"
     now = datetime.now(timezone.utc).isoformat(sep=" ", timespec="seconds")
     sections = [
+        ("answer", "answer", _answer(rows, cohorts)),
         ("summary", None, _summary(sweep, c, stage_counts or {})),
         ("spec", "spec", _spec(sweep)),
         ("hardware", "hardware", _hardware(nodes, stages, rows, c)),

@@ -5,7 +5,9 @@ a compression chain evaluated on one target by one runtime at one precision -- w
 keys in :data:`RESULT_FIELDS` (new keys are appended, never reordered). Accuracy is a
 fraction in [0, 1]; times are seconds; sizes are bytes. The CSV has the same columns
 (``threads`` as ``inter_op=1;intra_op=2``); the table shows a ``runtime`` column (runtime
-and precision) when any point ran on something other than torch at fp32.
+and precision) when any point ran on something other than torch at fp32, and a ``time vs
+baseline`` column (the paired ratio with its interval, ``≈`` where the verdict is
+``same``) when any point was measured in a cohort.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ RESULT_FIELDS: tuple[str, ...] = (
     "energy_source", "idle_power_w", "carbon_g_per_sample", "intensity_g_per_kwh",
     "intensity_source", "intensity_kind",
     "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
+    "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high", "verdict_time",
+    "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high", "verdict_energy",
+    "verdict_top1",
 )
+
+SAME = "≈"  # how a verdict of ``same`` reads: no difference beyond the noise and the 2 % margin
+RATIO_NOTE = ("time vs baseline: median ratio of time / sample to the reference's (the uncompressed model on torch "
+              "fp32, measured in the same rounds) with its 95 % interval; ≈: not significant (the interval reaches "
+              "into [0.98, 1.02])")
 
 
 def result_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
@@ -52,6 +62,29 @@ def has_runtimes(rows: Iterable[ResultRow]) -> bool:
     """Whether any point ran on something other than torch at fp32: only then do the
     tables and plots name runtimes (a sweep from before runtimes reads as it always did)."""
     return not all(is_default_deployment(r.runtime, r.precision) for r in rows)
+
+
+def ratio_text(ratio: float | None, low: float | None, high: float | None, verdict: str | None) -> str | None:
+    """A paired ratio for people: ``0.52x [0.50, 0.55]``, ``≈ 0.99x [0.97, 1.01]`` when its
+    verdict is ``same``; None without a ratio (measured before cohorts)."""
+    if ratio is None:
+        return None
+    text = f"{ratio:.2f}x" + (f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else "")
+    return f"{SAME} {text}" if verdict == "same" else text
+
+
+def time_ratio_text(row: Any) -> str | None:
+    """:func:`ratio_text` of a row's (a :class:`ResultRow` or its dict) time ratio."""
+    d = row if isinstance(row, dict) else vars(row)
+    return ratio_text(d.get("time_ratio_vs_baseline"), d.get("time_ratio_ci_low"), d.get("time_ratio_ci_high"),
+                      d.get("verdict_time"))
+
+
+def energy_ratio_text(row: Any) -> str | None:
+    """:func:`ratio_text` of a row's energy ratio."""
+    d = row if isinstance(row, dict) else vars(row)
+    return ratio_text(d.get("energy_ratio_vs_baseline"), d.get("energy_ratio_ci_low"), d.get("energy_ratio_ci_high"),
+                      d.get("verdict_energy"))
 
 
 def _pairs(mapping: dict[str, Any] | None) -> str:
@@ -115,8 +148,10 @@ def _table(data: list[dict[str, Any]]) -> str:
 
     t = Table(show_lines=False, header_style="bold")
     runtimes = not all(is_default_deployment(d["runtime"], d["precision"]) for d in data)
+    paired = any(d["time_ratio_vs_baseline"] is not None for d in data)
     columns = (("#", "right"), ("point", "left"), ("target", "left"), *((("runtime", "left"),) if runtimes else ()),
                ("top1 %", "right"), ("top5 %", "right"), ("ms/sample (± std)", "right"),
+               *((("time vs baseline", "right"),) if paired else ()),
                ("mJ/sample (source)", "right"), ("µg CO2/sample", "right"), ("params", "right"), ("MACs", "right"),
                ("size", "right"), ("compression", "left"))
     for col, just in columns:
@@ -135,6 +170,7 @@ def _table(data: list[dict[str, Any]]) -> str:
         t.add_row(
             str(d["point_index"]), d["point"], *where, _pct(d["top1"]), _pct(d["top5"]),
             f"{1e3 * tps:.4f} ± {1e3 * std:.4f}" if tps is not None else "-",
+            *((time_ratio_text(d) or "-",) if paired else ()),
             _energy_cell(d),
             "-" if carbon is None else f"{1e6 * carbon:.4f}",
             _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
@@ -144,6 +180,8 @@ def _table(data: list[dict[str, Any]]) -> str:
     console.print(t)
     notes = ["energy sources: est = estimated from TDP x CPU utilisation (no sensor), rapl / nvml = measured; "
              "simulated = masks or fake-quant, same dense FLOPs"]
+    if paired:
+        notes.append(RATIO_NOTE)
     sources = sorted({d["intensity_source"] for d in data if d.get("intensity_source")})
     if sources:
         notes.append("carbon intensity: " + "; ".join(sources) + (" -- a fallback, not your grid" if fallback else ""))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.store.records import (
     ArtifactRecord,
+    CohortRecord,
     EnergyRecord,
     MeasurementRecord,
     NodeRecord,
@@ -61,6 +62,7 @@ __all__ = [
     "SWEEP_STATUSES",
     "ArtifactRecord",
     "BaseStore",
+    "CohortRecord",
     "EnergyRecord",
     "MeasurementRecord",
     "NodeRecord",

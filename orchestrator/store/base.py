@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from orchestrator.store.records import (
     ArtifactRecord,
     AttemptRecord,
+    CohortRecord,
     MeasurementRecord,
     NodeRecord,
     PlacementRecord,
@@ -49,8 +50,9 @@ class BaseStore(ABC):
     :class:`~orchestrator.errors.UsageError`.
 
     **Idempotency.** ``record_stage_result`` may be replayed (a retried or resumed stage):
-    the stage row is overwritten, the artifact row is upserted by key, and measurements
-    are upserted on (sweep, stage key, repeat), so replaying never duplicates a row.
+    the stage row is overwritten, the artifact row is upserted by key, measurements are
+    upserted on (sweep, stage key, repeat) and the cohort a result names is inserted once
+    per (sweep, cohort id), so replaying never duplicates a row.
     ``mark_stage_reused``, ``mark_stage_skipped``, ``set_sweep_status`` and ``upsert_node``
     are idempotent too; ``mark_stage_running`` counts an attempt each time it is called;
     ``create_sweep`` is done once per sweep id.
@@ -185,6 +187,14 @@ class BaseStore(ABC):
         stage's measurements become exactly one row per
         :class:`~workers.types.EvalRepeat`, keyed by (sweep, stage key, repeat). Carbon
         figures already accounted are kept.
+
+        A result whose metrics carry a ``cohort`` description was measured in that cohort:
+        the cohort's row is written with it, in the same transaction, unless another member
+        (or an earlier replay) already wrote it -- the first description stays -- and the
+        stage and each of its measurements name the cohort (``cohort_id``), each
+        measurement with its ``position`` in its round. A description lacking a required
+        field raises ValueError and nothing is written. A result without one leaves
+        ``cohort_id`` None.
         """
         self.record_stage_results(sweep_id, [result])
 
@@ -260,6 +270,11 @@ class BaseStore(ABC):
     def measurements(self, sweep_id: str, stage_key: str | None = None) -> list[MeasurementRecord]:
         """The sweep's measured evaluation repeats (of one stage when *stage_key* is given),
         ordered by stage key and repeat."""
+
+    @abstractmethod
+    def cohorts(self, sweep_id: str) -> list[CohortRecord]:
+        """The cohorts that measured the sweep's evaluations, oldest first (none for a
+        sweep measured before cohorts)."""
 
     @abstractmethod
     def nodes(self) -> list[NodeRecord]:

@@ -176,6 +176,8 @@ class StageModel(EnergyColumns, Base):
     runtime: Mapped[str | None] = mapped_column(String(_SHORT))
     precision: Mapped[str | None] = mapped_column(String(_SHORT))
     runtime_version: Mapped[str | None] = mapped_column(String(_NAME))
+    # 0005: the cohort that measured it (evaluate stages measured in one; None before cohorts)
+    cohort_id: Mapped[str | None] = mapped_column(String(_ID))
 
 
 class StageProgressModel(Base):
@@ -317,6 +319,40 @@ class MeasurementModel(EnergyColumns, Base):
     duration_s: Mapped[float] = mapped_column(Float)
     time_per_sample_s: Mapped[float] = mapped_column(Float)
     throughput_samples_per_s: Mapped[float] = mapped_column(Float)
+    # 0005: the cohort round this repeat was (``repeat`` is the round index) and its 0-based
+    # position in that round's seeded order; None for repeats measured before cohorts.
+    cohort_id: Mapped[str | None] = mapped_column(String(_ID))
+    position: Mapped[int | None] = mapped_column(Integer)
+
+
+class CohortModel(Base):
+    """One cohort: evaluations of one target node measured together in interleaved rounds,
+    with the reference (the uncompressed model on torch fp32) in every one -- the
+    protocol that gives each member a paired ratio to the reference.
+
+    Written once, with the first recorded result of a member (a later member or a replay
+    finds it there); members' stages and measurements name it by ``cohort_id``.
+    ``reference_shown`` is false when the reference was measured only to pair with (the
+    spec's ``evaluate.baseline`` is false): it is then no sweep point. ``noise_floor_cv``
+    is the round-to-round coefficient of variation of the reference's time per sample
+    (None under 2 rounds); ``reference`` its per-round figures and top-1; ``protocol``
+    every setting the rounds ran under."""
+
+    __tablename__ = "cohorts"
+
+    sweep_id: Mapped[str] = mapped_column(String(_ID), ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(_ID), primary_key=True)  # "c-<hex>"
+    node_id: Mapped[str | None] = mapped_column(String(_ID))
+    target: Mapped[str] = mapped_column(String(_NAME))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    rounds: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)  # members, the reference included
+    reference_key: Mapped[str] = mapped_column(String(_KEY))
+    reference_shown: Mapped[bool] = mapped_column(Boolean)
+    protocol: Mapped[dict[str, Any]]
+    noise_floor_cv: Mapped[float | None] = mapped_column(Float)
+    reference: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class NodeModel(Base):

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from orchestrator.store.models import (
     STAGE_STATUSES,
     ArtifactModel,
+    CohortModel,
     MeasurementModel,
     NodeModel,
     PlacementModel,
@@ -26,6 +27,7 @@ from orchestrator.store.models import (
 from orchestrator.store.records import (
     ArtifactRecord,
     AttemptRecord,
+    CohortRecord,
     MeasurementRecord,
     NodeRecord,
     PlacementRecord,
@@ -36,6 +38,7 @@ from orchestrator.store.records import (
 from orchestrator.store.rows import (
     artifact_record,
     attempt_record,
+    cohort_record,
     measurement_record,
     node_record,
     placement_record,
@@ -116,6 +119,13 @@ class ReadsMixin(SQLCore):
                 query = query.where(MeasurementModel.stage_key == stage_key)
             rows = session.scalars(query.order_by(MeasurementModel.stage_key, MeasurementModel.repeat))
             return [measurement_record(r) for r in rows]
+
+    def cohorts(self, sweep_id: str) -> list[CohortRecord]:
+        with self._session(write=False) as session:
+            self._sweep_row(session, sweep_id)
+            rows = session.scalars(select(CohortModel).where(CohortModel.sweep_id == sweep_id)
+                                   .order_by(CohortModel.created_at, CohortModel.id))
+            return [cohort_record(r) for r in rows]
 
     def nodes(self) -> list[NodeRecord]:
         with self._session(write=False) as session:

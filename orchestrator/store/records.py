@@ -137,6 +137,7 @@ class StageRecord:
     runtime: str | None = None
     precision: str | None = None
     runtime_version: str | None = None
+    cohort_id: str | None = None  # the cohort that measured it (None: not measured in one)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,37 @@ class MeasurementRecord:
     time_per_sample_s: float
     throughput_samples_per_s: float
     energy: EnergyRecord | None  # None when the repeat had no meter reading
+    # measured in a cohort: ``repeat`` is the round, ``position`` its 0-based place in that
+    # round's seeded order (both None for repeats measured before cohorts)
+    cohort_id: str | None = None
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class CohortRecord:
+    """One cohort (``cohorts``): evaluations of one target node measured together in
+    interleaved rounds, the reference (the uncompressed model on torch fp32) among them.
+
+    ``size`` counts the members, the reference included; ``reference_shown`` is false
+    when the reference was measured only to pair with (then it is no sweep point).
+    ``noise_floor_cv`` is the round-to-round coefficient of variation of the reference's
+    time per sample (None under 2 rounds); ``reference`` holds its per-round figures
+    (``time_per_sample_s``, ``energy_per_sample_j`` or None) and its ``top1``;
+    ``protocol`` every setting the rounds ran under."""
+
+    sweep_id: str
+    id: str
+    node_id: str | None
+    target: str
+    seed: int
+    rounds: int
+    size: int
+    reference_key: str
+    reference_shown: bool
+    protocol: dict[str, Any]
+    noise_floor_cv: float | None
+    reference: dict[str, Any]
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -223,6 +255,10 @@ class ResultRow:
     ``runtime_version``, ``threads`` (``{"intra_op", "inter_op"}``), the deployable's size
     and ``top1_agreement`` (the share of samples whose top-1 matched the reference model
     on the check batch; None when not checked) are those the measuring evaluation recorded.
+    A point measured in a cohort has its time and energy as paired ratios to the cohort's
+    reference (the uncompressed model on torch fp32, "baseline" in the field names) with
+    their 95 % intervals and verdicts, and ``verdict_top1`` from a McNemar test against the
+    reference on the same samples; all None for a point measured before cohorts.
     Computed from a :class:`PointRecord` by :mod:`orchestrator.report.aggregate`.
     """
 
@@ -268,7 +304,24 @@ class ResultRow:
     threads: dict[str, int] | None = None
     deployable_size_bytes: int | None = None
     top1_agreement: float | None = None
+    # Paired with the target's reference in a cohort (all None: measured before cohorts).
+    time_ratio_vs_baseline: float | None = None  # median over rounds of time / the reference's
+    time_ratio_ci_low: float | None = None  # its 95 % interval
+    time_ratio_ci_high: float | None = None
+    verdict_time: str | None = None  # faster | slower | same
+    energy_ratio_vs_baseline: float | None = None
+    energy_ratio_ci_low: float | None = None
+    energy_ratio_ci_high: float | None = None
+    verdict_energy: str | None = None  # cheaper | costlier | same; None without an energy figure
+    verdict_top1: str | None = None  # better | worse | same: exact McNemar test on the same samples
     # Not in ``results --format json`` (RESULT_FIELDS is a stable contract); used by reports.
     carbon_g_per_sample_std: float | None = None
     stage_kinds: tuple[str, ...] = ()  # kinds of ``stage_keys``, e.g. ("train", "prune")
     stage_params: tuple[dict[str, Any], ...] = ()  # their stored (canonical) parameters
+    cohort_id: str | None = None  # the cohort that measured the point
+    reference_key: str | None = None  # the evaluate stage of that cohort's reference
+    reference_top1: float | None = None  # the reference's top-1 on the same test samples
+    reference_time_per_sample_s: float | None = None  # its mean over the cohort's rounds
+    reference_energy_per_sample_j: float | None = None
+    energy_follows_time: bool | None = None  # the energy figure is an estimate proportional to time
+    time_ratio_cv: float | None = None  # round-to-round CV of the paired time ratio

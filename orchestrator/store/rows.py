@@ -2,9 +2,10 @@
 
 Outbound, ORM rows become the frozen records of :mod:`orchestrator.store.records`
 (readers never see a row); inbound, a worker's :class:`~workers.types.EnergyReading`
-becomes the meter columns of :class:`~orchestrator.store.models.EnergyColumns`, and an
+becomes the meter columns of :class:`~orchestrator.store.models.EnergyColumns`, an
 evaluation's params and result metrics its runtime columns (runtime, precision, runtime
-version) of :class:`~orchestrator.store.models.StageModel`. Nothing here opens a session
+version) of :class:`~orchestrator.store.models.StageModel`, and the ``cohort`` its
+metrics describe a :class:`~orchestrator.store.models.CohortModel` row. Nothing here opens a session
 or computes a statistic: aggregation is :mod:`orchestrator.report.aggregate`'s.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from orchestrator.store.models import (
     ArtifactModel,
+    CohortModel,
     EnergyColumns,
     MeasurementModel,
     NodeModel,
@@ -28,6 +30,7 @@ from orchestrator.store.records import (
     DEFAULT_RUNTIME,
     ArtifactRecord,
     AttemptRecord,
+    CohortRecord,
     EnergyRecord,
     MeasurementRecord,
     NodeRecord,
@@ -35,7 +38,7 @@ from orchestrator.store.records import (
     StageRecord,
     SweepRecord,
 )
-from workers.types import EnergyReading
+from workers.types import EnergyReading, StageResult
 from workers.util import first_line as _first_line
 
 # ----------------------------------------------------------------- inbound
@@ -78,6 +81,44 @@ def runtime_version(metrics: Mapping[str, Any]) -> str | None:
     described = metrics.get("runtime")
     version = described.get("runtime_version") if isinstance(described, Mapping) else None
     return None if version is None else str(version)
+
+
+# What a result's ``metrics["cohort"]`` must name: the cohort cannot be recorded without them.
+COHORT_REQUIRED: tuple[str, ...] = ("id", "target", "seed", "rounds", "size", "reference_key")
+
+
+def cohort_values(result: StageResult) -> dict[str, Any] | None:
+    """The ``cohorts`` row described by ``result.metrics["cohort"]`` (without ``sweep_id``
+    and ``created_at``); None for a result measured outside a cohort.
+
+    Raises ValueError, naming the stage and the field, when the description lacks a
+    field in :data:`COHORT_REQUIRED` or holds a value of the wrong type: a cohort that
+    cannot be traced is not recorded as one. The node defaults to the result's."""
+    described = result.metrics.get("cohort")
+    if described is None:
+        return None
+    where = f"result for stage {result.key!r} has metrics['cohort']"
+    if not isinstance(described, Mapping):
+        raise ValueError(f"{where} of type {type(described).__name__}; expected a dict")
+    missing = [k for k in COHORT_REQUIRED if described.get(k) is None]
+    if missing:
+        raise ValueError(f"{where} without {', '.join(missing)}")
+    try:
+        return {
+            "id": str(described["id"]),
+            "node_id": str(described.get("node_id") or result.node_id),
+            "target": str(described["target"]),
+            "seed": int(described["seed"]),
+            "rounds": int(described["rounds"]),
+            "size": int(described["size"]),
+            "reference_key": str(described["reference_key"]),
+            "reference_shown": bool(described.get("reference_shown", True)),
+            "protocol": dict(described.get("protocol") or {}),
+            "noise_floor_cv": None if described.get("noise_floor_cv") is None else float(described["noise_floor_cv"]),
+            "reference": dict(described.get("reference") or {}),
+        }
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} with a malformed field: {e}") from None
 
 
 def first_line(text: str | None) -> str | None:
@@ -158,6 +199,7 @@ def stage_record(row: StageModel) -> StageRecord:
         runtime=row.runtime,
         precision=row.precision,
         runtime_version=row.runtime_version,
+        cohort_id=row.cohort_id,
     )
 
 
@@ -202,6 +244,26 @@ def measurement_record(row: MeasurementModel) -> MeasurementRecord:
         time_per_sample_s=row.time_per_sample_s,
         throughput_samples_per_s=row.throughput_samples_per_s,
         energy=energy_record(row),
+        cohort_id=row.cohort_id,
+        position=row.position,
+    )
+
+
+def cohort_record(row: CohortModel) -> CohortRecord:
+    return CohortRecord(
+        sweep_id=row.sweep_id,
+        id=row.id,
+        node_id=row.node_id,
+        target=row.target,
+        seed=row.seed,
+        rounds=row.rounds,
+        size=row.size,
+        reference_key=row.reference_key,
+        reference_shown=bool(row.reference_shown),
+        protocol=dict(row.protocol or {}),
+        noise_floor_cv=row.noise_floor_cv,
+        reference=dict(row.reference or {}),
+        created_at=row.created_at,
     )
 
 

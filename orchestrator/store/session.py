@@ -18,7 +18,9 @@ with a one-line message in which passwords are masked.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,12 +140,7 @@ def _sqlite_engine(url: URL) -> Engine:
             # fails at once ("database is locked") without a timeout when another
             # process opens it at the same moment
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            # WAL is a property of the file: switch it on only for an empty file or one
-            # that is a store (has alembic_version), never for another application's
-            # database that the schema check is about to refuse
-            tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables or "alembic_version" in tables:
-                cursor.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: _enable_wal(cursor))
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe in WAL
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
@@ -155,6 +152,31 @@ def _sqlite_engine(url: URL) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    # WAL is a property of the file: switch it on only for an empty file or one that is a
+    # store (has alembic_version), never for another application's database that the
+    # schema check is about to refuse
+    tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables or "alembic_version" in tables:
+        cursor.execute("PRAGMA journal_mode=WAL")
+
+
+def _retry_locked(step: Callable[[], None]) -> None:
+    """Run *step*, again while SQLite answers ``database is locked`` at once, up to the
+    busy timeout. A new file's first connections race to switch it to WAL while another
+    may already be creating the schema in it; SQLite reports the lock upgrade that would
+    deadlock at once, without calling the busy handler, so waiting is done here."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def write_engine(engine: Engine) -> Engine:

@@ -1,5 +1,6 @@
 """The coordinator's writes about a running sweep: stage status and attempts, stage
-results (artifacts, measurements), progress, carbon, placement decisions and nodes.
+results (artifacts, measurements, the cohorts that measured them), progress, carbon,
+placement decisions and nodes.
 
 Contract and docstrings: :class:`~orchestrator.store.base.BaseStore`. Batched calls
 (``mark_stages_running``, ``record_stage_results``) issue a few bulk statements, so a
@@ -9,6 +10,7 @@ batch of dispatches or results costs a few round trips rather than one per stage
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store.models import (
     ATTEMPT_STATUSES,
     ArtifactModel,
+    CohortModel,
     EnergyColumns,
     MeasurementModel,
     NodeModel,
@@ -27,8 +30,8 @@ from orchestrator.store.models import (
     StageProgressModel,
     utcnow,
 )
-from orchestrator.store.rows import energy_values, first_line, runtime_version, total_energy_j
-from orchestrator.store.sql import SQLCore, close_attempts, upsert
+from orchestrator.store.rows import cohort_values, energy_values, first_line, runtime_version, total_energy_j
+from orchestrator.store.sql import SQLCore, close_attempts, dialect_insert, upsert
 from workers.types import StageResult
 
 if TYPE_CHECKING:
@@ -92,11 +95,13 @@ class WritesMixin(SQLCore):
 
     def record_stage_results(self, sweep_id: str, results: Sequence[StageResult]) -> None:
         # One stage-row UPDATE for all results, one attempt UPDATE per outcome, one artifact
-        # upsert per artifact; measurements per evaluation.
+        # upsert per artifact, one insert of the cohorts not yet recorded; measurements per
+        # evaluation.
         if not results:
             return
         now = utcnow()
         keys = [r.key for r in results]
+        cohorts = {r.key: cohort_values(r) for r in results}  # a malformed one raises before any write
         with self._session(write=True) as session:
             kinds = dict(session.execute(select(StageModel.key, StageModel.kind).where(
                 StageModel.sweep_id == sweep_id, StageModel.key.in_(keys))).all())
@@ -118,8 +123,9 @@ class WritesMixin(SQLCore):
                 {"sweep_id": sweep_id, "key": r.key, "status": r.status, "metrics": dict(r.metrics),
                  "error": first_line(r.error), "traceback": r.traceback, "node_id": r.node_id,
                  "duration_s": r.duration_s, "finished_at": now, "runtime_version": runtime_version(r.metrics),
-                 **energy_values(r.energy)}
+                 "cohort_id": _cohort_id(cohorts[r.key]), **energy_values(r.energy)}
                 for r in results])
+            _record_cohorts(session, sweep_id, [c for c in cohorts.values() if c is not None], now)
             artifacts = [
                 {"key": r.artifact.key, "kind": r.kind, "path": r.artifact.path, "size_bytes": r.artifact.size_bytes,
                  "sha256": r.artifact.sha256, "materialized": r.artifact.materialized, "params": r.artifact.params,
@@ -134,7 +140,7 @@ class WritesMixin(SQLCore):
                     MeasurementModel.sweep_id == sweep_id, MeasurementModel.stage_key.in_(bare)))
             for r in results:
                 if r.repeats:
-                    _record_repeats(session, sweep_id, r)
+                    _record_repeats(session, sweep_id, r, _cohort_id(cohorts[r.key]))
 
     def record_progress(self, sweep_id: str, key: str, entries: Sequence[Mapping[str, Any]]) -> None:
         rows = []
@@ -192,9 +198,24 @@ class WritesMixin(SQLCore):
             upsert(session, NodeModel, [values], ("node_id",), exclude=("first_seen",))
 
 
-def _record_repeats(session: Session, sweep_id: str, result: StageResult) -> None:
+def _cohort_id(cohort: Mapping[str, Any] | None) -> str | None:
+    return None if cohort is None else cohort["id"]
+
+
+def _record_cohorts(session: Session, sweep_id: str, cohorts: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Insert the cohorts not yet in the store, each once: members of one cohort arrive in
+    one batch or in several, and a replayed result names a cohort already recorded -- the
+    first description written stays (``ON CONFLICT DO NOTHING``)."""
+    rows = list({c["id"]: {"sweep_id": sweep_id, **c, "created_at": now} for c in cohorts}.values())
+    if rows:
+        session.execute(dialect_insert(session, CohortModel).values(rows)
+                        .on_conflict_do_nothing(index_elements=["sweep_id", "id"]))
+
+
+def _record_repeats(session: Session, sweep_id: str, result: StageResult, cohort_id: str | None) -> None:
     """Make the stage's measurement rows exactly the result's repeats: drop numbers no
-    longer reported (an earlier attempt measured more), upsert the others."""
+    longer reported (an earlier attempt measured more), upsert the others. A repeat
+    measured in a cohort is a round of *cohort_id*, at its ``position`` in that round."""
     numbers = [r.repeat for r in result.repeats]
     session.execute(
         delete(MeasurementModel).where(
@@ -214,6 +235,8 @@ def _record_repeats(session: Session, sweep_id: str, result: StageResult) -> Non
             "duration_s": r.duration_s,
             "time_per_sample_s": r.time_per_sample_s,
             "throughput_samples_per_s": r.throughput_samples_per_s,
+            "cohort_id": cohort_id,
+            "position": getattr(r, "position", None),  # EvalRepeat.position arrives with cohorts
             **energy_values(r.energy),
         }
         for r in result.repeats

@@ -1,7 +1,8 @@
 """End to end: a sweep on two runtimes through the CLI, on a real local Ray and a real
 store -- a float model on torch and ONNX Runtime, an ONNX Runtime int8 model on ONNX
 Runtime only; the stored rows carry runtime, precision, version and threads, and
-``compare`` names the best runtime."""
+``compare`` names the best runtime; the three evaluations form one cohort with the reference,
+and every row carries its paired figures."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ pipelines:
   - name: ort-int8
     stages:
       - quantize: {engine: onnxruntime, weights: int8, activations: int8, calibration_batches: 2}
-evaluate: {targets: [local], runtimes: [torch, onnxruntime], batch_size: 128, warmup_batches: 1, repeats: 2,
+evaluate: {targets: [local], runtimes: [torch, onnxruntime], batch_size: 128, warmup_batches: 1, repeats: 3,
            min_window_s: 0.1, warmup_s: 0.2, idle_s: 0}
 """
 
@@ -61,6 +62,16 @@ def test_a_sweep_on_two_runtimes_stores_and_compares_them(tmp_path: Path, db_url
     assert abs(base["onnxruntime"]["top1"] - base["torch"]["top1"]) < 0.01  # accuracy measured on each runtime
     int8 = next(r for r in rows if r["point"].startswith("ort-int8"))
     assert int8["deployable_size_bytes"] < base["onnxruntime"]["deployable_size_bytes"]
+
+    # one cohort: the baseline on torch fp32 is the reference (ratio 1), the others paired with it
+    assert base["torch"]["time_ratio_vs_baseline"] == 1.0 and base["torch"]["verdict_time"] == "same"
+    for r in rows:
+        assert 0 < r["time_ratio_ci_low"] <= r["time_ratio_ci_high"] and r["time_ratio_vs_baseline"] > 0
+        assert r["verdict_time"] in ("faster", "slower", "same") and r["verdict_top1"] in ("better", "worse", "same")
+        assert r["verdict_energy"] in ("cheaper", "costlier", "same")
+        for name in ("energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high"):
+            assert r[name] > 0
+    assert "answer" in first.stdout and "local / onnxruntime" in first.stdout
 
     compare = _run(["compare", sweep_id, "--format", "json"], tmp_path, env)
     assert compare.returncode == 0, compare.stderr

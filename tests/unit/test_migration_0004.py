@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from orchestrator.store import Store, create_engine_for, current, head, migrations, upgrade
 from orchestrator.store.records import DEFAULT_PRECISION, DEFAULT_RUNTIME
+from tests.unit.schema_probe import columns, count
 
 SID = "sw-000000000003"
 T0 = datetime(2026, 11, 30, tzinfo=timezone.utc)
@@ -76,27 +77,12 @@ def _write_0003_store(url: str) -> None:
         engine.dispose()
 
 
-def _columns(url: str) -> set[str]:
-    engine = create_engine_for(url)
-    try:
-        return {c["name"] for c in sa.inspect(engine).get_columns("stages")}
-    finally:
-        engine.dispose()
-
-
-def _count(url: str, table: str) -> int:
-    engine = create_engine_for(url)
-    try:
-        with engine.connect() as c:
-            return c.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
-    finally:
-        engine.dispose()
 
 
 def test_upgrade_from_0003_backfills_evaluations(db_url: str) -> None:
     _write_0003_store(db_url)
-    assert current(db_url) == "0003" and not {"runtime", "precision", "runtime_version"} & _columns(db_url)
-    assert upgrade(db_url) == head() == "0004"
+    assert current(db_url) == "0003" and not {"runtime", "precision", "runtime_version"} & columns(db_url, "stages")
+    assert upgrade(db_url) == head()  # through 0004, to the head
     with Store.open(db_url) as store:
         stages = {s.key: s for s in store.stages(SID)}
         assert {k: (s.runtime, s.precision, s.runtime_version) for k, s in stages.items()} == {
@@ -113,7 +99,7 @@ def test_upgrade_from_0003_backfills_evaluations(db_url: str) -> None:
         assert rows[0].runtime_version == "2.6.0+cpu" and rows[0].threads == {"intra_op": 2, "inter_op": 1}
         assert rows[0].deployable_size_bytes == 4096 and rows[0].top1 == pytest.approx(0.9)
         assert rows[1].runtime_version is None and rows[1].threads is None and rows[1].repeats == 2
-    assert (_count(db_url, "measurements"), _count(db_url, "points"), _count(db_url, "stages")) == (4, 4, 5)
+    assert (count(db_url, "measurements"), count(db_url, "points"), count(db_url, "stages")) == (4, 4, 5)
 
 
 def test_downgrade_to_0003_drops_the_columns_and_keeps_the_rows(db_url: str) -> None:
@@ -129,8 +115,8 @@ def test_downgrade_to_0003_drops_the_columns_and_keeps_the_rows(db_url: str) -> 
             command.downgrade(migrations.alembic_config(connection), "0003")
     finally:
         engine.dispose()
-    assert current(db_url) == "0003" and not {"runtime", "precision", "runtime_version"} & _columns(db_url)
-    assert (_count(db_url, "measurements"), _count(db_url, "points"), _count(db_url, "stages")) == (4, 4, 5)
+    assert current(db_url) == "0003" and not {"runtime", "precision", "runtime_version"} & columns(db_url, "stages")
+    assert (count(db_url, "measurements"), count(db_url, "points"), count(db_url, "stages")) == (4, 4, 5)
     assert upgrade(db_url) == head()  # and back again
 
 

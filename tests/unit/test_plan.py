@@ -131,7 +131,7 @@ def test_keys_ignore_spelling_that_does_not_change_meaning():
                      "    patch_size: 2\n    img_size: 8"),
         "# a comment\n" + BASE.replace("name: base", "name: renamed").replace("name: pq", "name: other-name"),
         BASE.replace("train: {epochs: 2, lr: 0.002}", "train: {epochs: 2, lr: 2.0e-3, weight_decay: 0.05}"),
-        BASE.replace("evaluate: {targets: [local], repeats: 3}", "evaluate: {targets: [local]}"),
+        BASE.replace("evaluate: {targets: [local], repeats: 3}", "evaluate: {targets: [local], repeats: 3, cohort_size: 4}"),
         BASE.replace("dataset: {name: digits, options: {}}", "dataset: {name: digits}"),
     ]
     for text in same:

@@ -240,7 +240,7 @@ def test_quickstart_parses():
     assert [len(p.stages) for p in spec.pipelines] == [1, 1, 1, 1, 2]
     assert spec.evaluate.targets == ("local",)
     assert spec.evaluate.runtimes == ("torch", "onnxruntime", "openvino") and spec.evaluate.precisions == ("fp32", "auto")
-    assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (64, 3, 5)
+    assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (64, 3, 7)
     assert spec.evaluate.baseline is True
     assert spec.store_url is None and spec.max_points == 1000
     assert spec.source_text == QUICKSTART.read_text()
@@ -283,11 +283,11 @@ def test_defaults_are_filled():
                           "accumulate_steps": 1, "patience": None, "amp": True}
     assert dict(spec.model.kwargs) == {} and spec.model.pretrained is False
     assert spec.pipelines == ()
-    assert spec.evaluate.targets == ("local",) and spec.evaluate.baseline is True
+    assert spec.evaluate.targets == ("local",) and spec.evaluate.baseline is True and spec.evaluate.cohort_size == 8
     defaults = EvaluateParams()
     assert (spec.evaluate.batch_size, spec.evaluate.warmup_batches, spec.evaluate.repeats) == (
         defaults.batch_size, defaults.warmup_batches, defaults.repeats)
-    assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 3,
+    assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 7,
                                                "min_window_s": 5.0, "idle_s": 2.0,
                                                "warmup_s": 3.0, "runtime": "torch", "precision": "fp32"}
     assert (spec.evaluate.runtimes, spec.evaluate.precisions) == (("torch",), ("fp32",))

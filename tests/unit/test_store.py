@@ -7,7 +7,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timezone
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from workers.types import ArtifactInfo, EnergyReading, EvalRepeat, StageResult
 
 POSTGRES_ENV = "GREENSWEEP_TEST_POSTGRES_URL"
 TABLES = {"sweeps", "stages", "points", "artifacts", "measurements", "nodes", "stage_progress",
-          "stage_attempts", "placements", "artifact_claims", "alembic_version"}
+          "stage_attempts", "placements", "artifact_claims", "cohorts", "alembic_version"}
 
 
 
@@ -154,7 +154,7 @@ def test_open_creates_schema_on_empty_database(db_url: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES
     finally:
         engine.dispose()
-    assert current(db_url) == head() == "0004"
+    assert current(db_url) == head() == "0005"
     assert upgrade(db_url) == head()  # idempotent
 
 
@@ -480,6 +480,32 @@ def test_nodes_upsert(store: Store) -> None:
     assert a.first_seen == first.first_seen and a.last_seen >= first.last_seen
 
 
+def test_a_locked_wal_switch_is_retried_and_other_errors_are_not() -> None:
+    """SQLite reports a lock upgrade that would deadlock at once, without its busy timeout:
+    the WAL switch of a new file's first connections waits for its turn instead."""
+    import sqlite3
+
+    from orchestrator.store.session import _retry_locked
+
+    calls: list[int] = []
+
+    def locked_twice() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+
+    _retry_locked(locked_twice)
+    assert len(calls) == 3
+
+    def broken() -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _retry_locked(broken)
+    assert len(calls) == 4
+
+
 def test_list_sweeps_newest_first(store: Store) -> None:
     for i in range(3):
         create(store, f"sw-00000000000{i}")
@@ -639,3 +665,118 @@ def test_evaluations_carry_their_runtime_precision_and_version(store: Store) -> 
     store.mark_stage_reused("sw-000000000002", "k-eval-ort")
     again = store.results("sw-000000000002")[2]
     assert (again.status, again.runtime, again.runtime_version) == ("reused", "onnxruntime", "1.20.1")
+
+
+# ------------------------------------------------------------------ cohorts (0005)
+
+
+@dataclass(frozen=True)
+class _Round(EvalRepeat):
+    """An evaluation round as a cohort reports it: with its position in the round's order
+    (``EvalRepeat.position`` once the worker side has it)."""
+
+    position: int | None = None
+
+
+def cohort_metrics(cohort_id: str = "c-00aa", *, reference_key: str = "k-eval0", **paired: object) -> dict:
+    """What an evaluation measured in a cohort records beside its repeats (workers/stages/evaluate)."""
+    return {"params": 1, "macs": 2, "size_bytes": 3, "materialized": False,
+            "cohort": {"id": cohort_id, "seed": 1234, "rounds": 3, "size": 2, "node_id": "node-b", "target": "cpu",
+                       "reference_key": reference_key, "reference_shown": True,
+                       "protocol": {"repeats": 3, "min_window_s": 0.5, "order": "seeded-random"},
+                       "noise_floor_cv": 0.021,
+                       "reference": {"time_per_sample_s": [0.01, 0.02, 0.03], "energy_per_sample_j": None,
+                                     "top1": 0.9}},
+            "paired": {"time_ratio_vs_baseline": 1.0, "time_ratio_ci_low": 1.0, "time_ratio_ci_high": 1.0,
+                       "verdict_time": "same", "energy_ratio_vs_baseline": None, "energy_ratio_ci_low": None,
+                       "energy_ratio_ci_high": None, "verdict_energy": None, "verdict_top1": "same",
+                       "top1_mcnemar_p": 1.0, "top1_discordant": [0, 0], "time_ratio_cv": 0.0,
+                       "energy_follows_time": False, **paired}}
+
+
+def cohort_result(key: str, cohort_id: str = "c-00aa", **paired: object) -> StageResult:
+    result = eval_result(key, [0.9, 0.8, 0.85])
+    rounds = tuple(_Round(**{f: getattr(r, f) for f in ("repeat", "samples", "top1", "top5", "duration_s",
+                                                          "time_per_sample_s", "throughput_samples_per_s", "energy")},
+                          position=(r.repeat + 1) % 2) for r in result.repeats)
+    return replace(result, repeats=rounds, metrics=cohort_metrics(cohort_id, **paired))
+
+
+def test_a_cohort_is_recorded_once_with_its_members(store: Store, db_url: str) -> None:
+    """Members of one cohort recorded one by one, together, and again (a replay) write one
+    cohort row; each stage and measurement names it, each round with its position."""
+    create(store)
+    sid = "sw-000000000001"
+    store.record_stage_result(sid, cohort_result("k-eval0"))
+    store.record_stage_result(sid, cohort_result("k-eval1", time_ratio_vs_baseline=0.5, verdict_time="faster"))
+    store.record_stage_results(sid, [cohort_result("k-eval0"), cohort_result("k-eval1")])  # replayed together
+    assert count(db_url, "cohorts") == 1
+    (cohort,) = store.cohorts(sid)
+    assert (cohort.id, cohort.node_id, cohort.target, cohort.seed, cohort.rounds, cohort.size) == (
+        "c-00aa", "node-b", "cpu", 1234, 3, 2)
+    assert (cohort.reference_key, cohort.reference_shown, cohort.noise_floor_cv) == ("k-eval0", True, 0.021)
+    assert cohort.protocol["order"] == "seeded-random" and cohort.reference["time_per_sample_s"] == [0.01, 0.02, 0.03]
+    assert cohort.created_at.tzinfo is timezone.utc
+    stages = {s.key: s.cohort_id for s in store.stages(sid)}
+    assert stages == {"k-train": None, "k-prune": None, "k-quant": None, "k-eval0": "c-00aa", "k-eval1": "c-00aa"}
+    ms = store.measurements(sid, "k-eval1")
+    assert [(m.repeat, m.cohort_id, m.position) for m in ms] == [(0, "c-00aa", 1), (1, "c-00aa", 0), (2, "c-00aa", 1)]
+    assert count(db_url, "measurements") == 6
+
+
+def test_two_cohorts_in_one_batch_and_a_later_result_outside_any(store: Store, db_url: str) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    store.record_stage_results(sid, [cohort_result("k-eval0", "c-1"), cohort_result("k-eval1", "c-2")])
+    assert [c.id for c in store.cohorts(sid)] == ["c-1", "c-2"]
+    store.record_stage_result(sid, eval_result("k-eval1", [0.8]))  # measured again, not in a cohort
+    assert {s.key: s.cohort_id for s in store.stages(sid)}["k-eval1"] is None
+    assert [(m.cohort_id, m.position) for m in store.measurements(sid, "k-eval1")] == [(None, None)]
+    assert count(db_url, "cohorts") == 2  # the cohort stays: it measured k-eval0
+
+
+@pytest.mark.parametrize("cohort, message", [
+    ({"seed": 1, "rounds": 3, "size": 2, "target": "cpu", "reference_key": "k"}, "without id"),
+    ({"id": "c-1", "seed": 1, "size": 2, "target": "cpu"}, "without rounds, reference_key"),
+    ({"id": "c-1", "seed": "x", "rounds": 3, "size": 2, "target": "cpu", "reference_key": "k"}, "malformed field"),
+    ("c-1", "of type str"),
+])
+def test_a_malformed_cohort_is_refused_and_nothing_is_written(store: Store, db_url: str, cohort: object,
+                                                              message: str) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    good = cohort_result("k-eval0")
+    bad = replace(cohort_result("k-eval1"), metrics={**cohort_metrics(), "cohort": cohort})
+    with pytest.raises(ValueError, match=message) as info:
+        store.record_stage_results(sid, [good, bad])
+    assert "'k-eval1'" in str(info.value) and "\n" not in str(info.value)
+    assert [count(db_url, t) for t in ("cohorts", "measurements")] == [0, 0]
+    assert {s.key: s.status for s in store.stages(sid)}["k-eval0"] == "pending"
+
+
+def test_results_carry_the_paired_figures(store: Store) -> None:
+    create(store)
+    sid = "sw-000000000001"
+    store.record_stage_result(sid, cohort_result("k-eval0"))
+    store.record_stage_result(sid, cohort_result("k-eval1", time_ratio_vs_baseline=0.52, time_ratio_ci_low=0.5,
+                                                 time_ratio_ci_high=0.55, verdict_time="faster", verdict_top1="worse",
+                                                 energy_ratio_vs_baseline=0.53, energy_ratio_ci_low=0.51,
+                                                 energy_ratio_ci_high=0.56, verdict_energy="cheaper",
+                                                 energy_follows_time=True, time_ratio_cv=0.012))
+    base, pruned = store.results(sid)
+    assert (base.time_ratio_vs_baseline, base.time_ratio_ci_low, base.time_ratio_ci_high, base.verdict_time) == (
+        1.0, 1.0, 1.0, "same")
+    assert (pruned.time_ratio_vs_baseline, pruned.time_ratio_ci_low, pruned.time_ratio_ci_high) == (0.52, 0.5, 0.55)
+    assert (pruned.verdict_time, pruned.verdict_energy, pruned.verdict_top1) == ("faster", "cheaper", "worse")
+    assert (pruned.energy_ratio_vs_baseline, pruned.energy_ratio_ci_low, pruned.energy_ratio_ci_high) == (
+        0.53, 0.51, 0.56)
+    assert (pruned.cohort_id, pruned.reference_key, pruned.reference_top1) == ("c-00aa", "k-eval0", 0.9)
+    assert pruned.reference_time_per_sample_s == pytest.approx(0.02) and pruned.reference_energy_per_sample_j is None
+    assert (pruned.energy_follows_time, pruned.time_ratio_cv) == (True, 0.012)
+    # A reused evaluation carries the figures of the sweep that measured it.
+    store.create_sweep("sw-000000000002", "tiny", "name: tiny\n", "hash", "/artifacts", STAGES, POINTS,
+                       naive_stage_count=6)
+    store.mark_stage_reused("sw-000000000002", "k-eval1")
+    again = store.results("sw-000000000002")[1]
+    assert (again.status, again.verdict_time, again.time_ratio_vs_baseline) == ("reused", "faster", 0.52)
+    assert store.cohorts("sw-000000000002") == []  # the cohort belongs to the sweep that measured it

@@ -136,7 +136,7 @@ class EnergyMeter(Meter):
 
     Window edges: wait for the devices' queued work, then read the clock and start the
     sensors (``begin``); wait again, read the clock, then stop the sensors (``end``).
-    Time is ``time.perf_counter``.
+    Time is ``time.perf_counter_ns`` (integer nanoseconds: no float rounding of a long-running clock).
     """
 
     def __init__(
@@ -154,35 +154,35 @@ class EnergyMeter(Meter):
         self._sensors = by_domain
         self._skipped: dict[Domain, tuple[Skip, ...]] = {d: tuple((skipped or {}).get(d, ())) for d in DOMAINS}
         self._idle_power_w: dict[Domain, float | None] | None = None
-        self._start_s: float | None = None
+        self._start_ns: int | None = None
         # A stage that raises inside a window leaves sampling threads behind; stop them
         # when the meter is collected.
         weakref.finalize(self, _close_sensors, tuple(by_domain.values()))
 
     def begin(self) -> None:
-        if self._start_s is not None:
+        if self._start_ns is not None:
             raise RuntimeError(f"{type(self).__name__}.begin() called while a window is open")
         for device in self.devices:
             synchronize(device)
-        self._start_s = time.perf_counter()
+        self._start_ns = time.perf_counter_ns()
         started: list[Sensor] = []
         try:
             for sensor in self._sensors.values():
                 sensor.start()
                 started.append(sensor)
         except BaseException:
-            self._start_s = None
+            self._start_ns = None
             _close_sensors(started)
             raise
 
     def end(self) -> EnergyReading:
         for device in self.devices:
             synchronize(device)
-        end_s = time.perf_counter()
-        if self._start_s is None:
+        end_ns = time.perf_counter_ns()
+        if self._start_ns is None:
             raise RuntimeError(f"{type(self).__name__}.end() called without a matching begin()")
-        duration_s = end_s - self._start_s
-        self._start_s = None
+        duration_s = (end_ns - self._start_ns) / 1e9
+        self._start_ns = None
         energy_j: dict[Domain, float] = {}
         try:
             for domain, sensor in self._sensors.items():

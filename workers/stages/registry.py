@@ -190,7 +190,9 @@ class EvaluateParams(_Params):
     warmup_batches: int = Field(3, ge=0, le=10_000)
     # ... and at least this long: a CPU on a shared VM takes seconds to reach steady speed.
     warmup_s: float = Field(3.0, ge=0, le=3_600)
-    repeats: int = Field(3, ge=1, le=1_000)
+    # Rounds of a cohort (one window per model per round): 7 give the paired ratio's
+    # t-interval 6 degrees of freedom (workers.stats).
+    repeats: int = Field(7, ge=1, le=1_000)
     # Each repeat's window covers whole passes over the test split until it lasts this
     # long, so timer granularity and scheduler noise stay small against the window.
     min_window_s: float = Field(5.0, ge=0, le=3_600)
@@ -253,6 +255,11 @@ def _quantize_format(params: Mapping[str, Any]) -> str:
 TORCH_FORMATS = ("torch", "quanto")
 
 
+def _load(ref: str) -> Callable[..., Any]:
+    module, _, func = ref.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
 @dataclass(frozen=True)
 class StageKind:
     """Everything the rest of the system needs to know about a stage kind.
@@ -299,10 +306,19 @@ class StageKind:
     # Parameters added after stores existed: left out of the stage key while they hold
     # their default, so the keys (and stored results) of stages without them stay valid.
     unkeyed_defaults: tuple[str, ...] = ()
+    # "module:function" measuring several stages of this kind together in one worker call,
+    # ``run_cohort(tasks: list[StageTask], env) -> list[StageOutput | BaseException]``
+    # (one per task: its output or what stopped it); the coordinator then forms cohorts
+    # of this kind's ready stages per node (workers.types.Cohort). None: one at a time.
+    cohort_runner: str | None = None
 
     def load_runner(self) -> Callable[..., Any]:
-        module, _, func = self.runner.partition(":")
-        return getattr(importlib.import_module(module), func)
+        return _load(self.runner)
+
+    def load_cohort_runner(self) -> Callable[..., Any]:
+        if self.cohort_runner is None:
+            raise ValueError(f"stage kind {self.name!r} is not measured in cohorts")
+        return _load(self.cohort_runner)
 
     def resolve(self, params: Mapping[str, Any], baseline: str | None) -> dict[str, Any]:
         """*params* with every ``baseline`` reference replaced by *baseline* (an
@@ -392,7 +408,8 @@ for _kind in (
     StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
               default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
-              label="evaluation", unkeyed_defaults=("runtime", "precision")),
+              label="evaluation", unkeyed_defaults=("runtime", "precision"),
+              cohort_runner="workers.stages.evaluate:run_cohort"),
     StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True,
               default_duration_s=1.0, label="no-op", hidden=True),
 ):
