@@ -368,6 +368,9 @@ class Coordinator:
         for st in members:
             slot.busy_keys.append(st.key)
         attempts = self.store.mark_stages_running(self.sweep_id, [(s.key, slot.node.node_id) for s in members])
+        if self.placer is not None:
+            for decision in self.placer.cohort_decisions(members, slot, self.pool.slots):
+                self.store.record_placement(self.sweep_id, decision)
         now, mono = datetime.now(timezone.utc), time.monotonic()
         tasks = []
         for st in members:

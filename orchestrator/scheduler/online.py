@@ -301,6 +301,22 @@ class CarbonPlacer:
             out.append((stage, slot, self._decision(stage, slot, start, carbon_g, slots)))
         return out
 
+    def cohort_decisions(self, stages: list[Any], slot: Slot, slots: list[Slot]) -> list[dict[str, Any]]:
+        """Decisions to record for evaluations measured together on *slot* now (a cohort:
+        pinned to their target and never held): what the current plan expected of each;
+        none while placing by fifo (there is no intensity to record)."""
+        if self._fallback is not None:
+            return []
+        now = self.clock()
+        out = []
+        for stage in stages:
+            planned = self._plan.get(stage.key)
+            if planned is None:
+                continue
+            self._running_since[stage.key] = now
+            out.append(self._decision(stage, slot, now, planned[2], slots))
+        return out
+
     def _place_fifo(self, ready: list[Any], free: list[Slot]) -> list[tuple[Any, Slot, dict[str, Any] | None]]:
         """While no plan can be made: what fifo would start now, with no carbon decision
         recorded (there is no intensity to record), so the sweep goes on."""
