@@ -206,3 +206,29 @@ def test_the_ray_worker_runs_a_cohort_through_its_kind(artifact_root):
     assert [r.status for r in results] == ["succeeded", "succeeded"]
     assert results[0].metrics["cohort"]["id"] == results[1].metrics["cohort"]["id"] == "c-test"
     assert all(r.duration_s > 0 for r in results)
+
+
+def test_a_cohort_whose_worker_dies_is_measured_again_whole_in_a_new_cohort(store, tmp_path):
+    from orchestrator.pool.fake import Die
+
+    plan = make_plan([("train", None, None)] + [("evaluate", 0, "cpu-a")] * 3)
+    plan = _with_reference(plan, True, 8)
+    evals = [s.key for s in plan.stages[1:]]
+    seen: list[tuple[str, str]] = []
+
+    def script(task: StageTask, n, attempt):
+        if task.kind != "evaluate":
+            return None
+        seen.append((task.cohort.id, task.key))
+        return Die("killed mid-cohort") if task.key == evals[1] and attempt == 1 else None
+
+    pool = FakeWorkerPool([node(1)], script)
+    coord, _ = _cohort_coordinator(store, tmp_path, plan, pool, 8)
+    outcome = coord.run()
+    assert outcome.status == "succeeded"
+    first, second = dict.fromkeys(c for c, _ in seen)
+    # the first cohort got as far as its second member; all three were measured again together
+    assert [k for c, k in seen if c == first] == evals[:2]
+    assert [k for c, k in seen if c == second] == evals
+    attempts = {k: [a.status for a in store.attempts(outcome.sweep_id, k)] for k in evals}
+    assert all(a == ["lost", "succeeded"] for a in attempts.values()), attempts
