@@ -45,7 +45,7 @@ pipelines:
   - name: structured
     stages:
       - prune: {method: structured, mode: all, ratio: [0.3, 0.6]}
-evaluate: {targets: [cpu-small, cpu-xeon], batch_size: 256, warmup_batches: 1, repeats: 2, min_window_s: 0.05,
+evaluate: {targets: [cpu-small, cpu-xeon], batch_size: 256, warmup_batches: 1, repeats: 5, min_window_s: 0.05,
            warmup_s: 0, idle_s: 0.1}
 carbon: {provider: timeseries, replay: true}
 """
@@ -77,6 +77,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     with Store.open(db) as store:
         rows = store.results(sweep_id)
     assert len(rows) == 10 and all(r.status == "succeeded" for r in rows)
+    assert all(r.cohort_id and r.verdict_time and r.verdict_energy for r in rows)  # every point measured in a cohort
     return Sweep(db, sweep_id, rows, workdir)
 
 
@@ -142,13 +143,29 @@ def test_compare_table_matches_the_store(sweep: Sweep, capsys: pytest.CaptureFix
     assert code == 0 and "cpu-small" in out and "(cpu:" in out and "simulated: node types" in out
 
 
-def _frontier(rows: list[ResultRow], field: str = "energy_per_sample_j") -> set[int]:
-    """Non-dominated point indices by the definition (independent of pareto_mask)."""
-    def x(r: ResultRow) -> float:
-        return getattr(r, field)
+VERDICT_OF = {"energy_per_sample_j": "verdict_energy", "time_per_sample_s": "verdict_time",
+              "carbon_g_per_sample": "verdict_energy"}  # carbon is energy x the region's intensity
 
-    return {r.point_index for r in rows if not any(
-        x(o) <= x(r) and o.top1 >= r.top1 and (x(o) < x(r) or o.top1 > r.top1) for o in rows if o is not r)}
+
+def _frontier(rows: list[ResultRow], field: str = "energy_per_sample_j") -> set[int]:
+    """Non-dominated point indices by the definition (independent of pareto_mask), costs
+    following the paired verdicts: a point whose verdict is ``same`` costs what the
+    baseline (the cohorts' reference, a point here) costs, and loses a tie with it."""
+    refs = {r.reference_key for r in rows if r.reference_key}
+    baseline = next(r for r in rows if r.eval_key in refs)
+
+    def equated(r: ResultRow) -> bool:
+        return r is not baseline and getattr(r, VERDICT_OF[field]) == "same"
+
+    def x(r: ResultRow) -> float:
+        return getattr(baseline if equated(r) else r, field)
+
+    def dominated(r: ResultRow) -> bool:
+        if equated(r) and r.top1 <= baseline.top1:
+            return True
+        return any(x(o) <= x(r) and o.top1 >= r.top1 and (x(o) < x(r) or o.top1 > r.top1) for o in rows if o is not r)
+
+    return {r.point_index for r in rows if not dominated(r)}
 
 
 def test_pareto_frontier_and_plot(sweep: Sweep, capsys: pytest.CaptureFixture[str]) -> None:
