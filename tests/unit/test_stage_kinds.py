@@ -128,8 +128,10 @@ def test_the_coordinator_ships_what_the_plan_declares(tmp_path: Path, monkeypatc
 
 def test_roles_and_declarations_of_the_shipped_kinds() -> None:
     assert kind_with_role("baseline").name == "train" and kind_with_role("evaluation").name == "evaluate"
-    assert pipeline_kinds() == ("prune", "quantize", "finetune", "distill")
-    assert {k for k, sk in STAGE_KINDS.items() if sk.may_wait} == {"train", "finetune", "distill"}
+    assert pipeline_kinds() == ("prune", "quantize", "finetune", "distill", "qat")
+    assert {k for k, sk in STAGE_KINDS.items() if sk.may_wait} == {"train", "finetune", "distill", "qat"}
+    assert get_kind("qat").artifact_format({"engine": "openvino"}) == "openvino"
+    assert get_kind("qat").consumes == ("torch",)
     assert get_kind("train").default_duration_s == 600.0 and get_kind("prune").default_duration_s == 60.0
     assert get_kind("prune").keeps_zeros({"method": "unstructured"})
     assert not get_kind("prune").keeps_zeros({"method": "structured"})

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from workers.meters import make_meter
-from workers.stages.registry import QuantizeParams
+from workers.stages.registry import QatParams, QuantizeParams
 from workers.types import StageOutput, StageTask, WorkerEnv
 
 # QuantizeParams names -> optimum-quanto qtype names.
@@ -68,14 +68,14 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
 
     model = parent.model.to(env.device)
     activations = _QTYPES.get(params.activations)  # None for "none"
-    calibration_images = _calibration_images(task, params, parent.input_shape) if activations else None
+    images = calibration_images(task, params, parent.input_shape) if activations else None
     float_modules = modules_quanto_would_break(model)
 
     meter = make_meter(env.device)
     meter.begin()
     quantize(model, weights=_QTYPES[params.weights], activations=activations, exclude=float_modules or None)
-    if calibration_images is not None:
-        calibrate(model, calibration_images, params.batch_size, env.device)
+    if images is not None:
+        calibrate(model, images, params.batch_size, env.device)
     freeze(model)
     energy = meter.end()
 
@@ -90,7 +90,7 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
         metrics={
             "size_bytes_before": parent.size_bytes,
             "size_bytes_after": artifact.size_bytes,
-            "calibration_samples": 0 if calibration_images is None else len(calibration_images),
+            "calibration_samples": 0 if images is None else len(images),
             "float_modules": len(float_modules),
         },
         artifact=artifact,
@@ -109,7 +109,7 @@ def _run_runtime_engine(task: StageTask, env: WorkerEnv, params: QuantizeParams,
 
     model = parent.model.to("cpu").eval()  # the runtimes' exporters trace on the CPU
     static = params.mode == "static"
-    calibration = _calibration_images(task, params, parent.input_shape) if static else None
+    calibration = calibration_images(task, params, parent.input_shape) if static else None
     example = calibration[: params.batch_size] if calibration is not None else torch.zeros(2, *parent.input_shape)
     with tempfile.TemporaryDirectory(prefix="greensweep-quantize-") as scratch:
         meter = make_meter(env.device)
@@ -197,7 +197,7 @@ def kernel_report(model: nn.Module, input_shape: tuple[int, ...], device: str) -
     }
 
 
-def _calibration_images(task: StageTask, params: QuantizeParams, input_shape: tuple[int, ...]) -> torch.Tensor:
+def calibration_images(task: StageTask, params: "QuantizeParams | QatParams", input_shape: tuple[int, ...]) -> torch.Tensor:
     """Up to ``calibration_batches * batch_size`` train images, shuffled by the sweep seed,
     converted to the model's input (only these: a whole train split at 224x224 would not
     fit in memory)."""

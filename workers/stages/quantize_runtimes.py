@@ -93,3 +93,65 @@ def _version(*dists: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+# --------------------------------------------------------------------------- quantization-aware training
+
+
+def _reference_fake_quant() -> str:
+    """Make NNCF's fake quantization run on plain torch ops, without ``torch.compile``.
+
+    NNCF otherwise compiles a C++ extension on first use (a minute and more on a 2-core
+    node, guarded by lock files a killed worker leaves behind, after which every later
+    worker hangs) and, failing that, wraps its reference ops in ``torch.compile``, which
+    recompiles for every tensor rank. Its reference functions are the same arithmetic
+    (NNCF's own fallback), so a stage never waits on a compiler. Returns what ran, for the
+    manifest."""
+    from nncf.torch.quantization.extensions import QuantizedFunctionsCPU, QuantizedFunctionsCUDA
+    from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
+
+    for wrapper in (ReferenceQuantizedFunctions.Quantize_forward, ReferenceQuantizedFunctions.Quantize_backward):
+        wrapper._compiled_func = wrapper._func  # the CompilationWrapper, made a plain call
+    for namespace in (QuantizedFunctionsCPU, QuantizedFunctionsCUDA):
+        namespace._loaded_namespace = ReferenceQuantizedFunctions
+    return "nncf reference fake-quantize (torch ops, not compiled)"
+
+
+def prepare_qat(model: nn.Module, calibration: torch.Tensor, *, batch_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """*model* with NNCF's fake quantizers inserted (int8 weights per channel, int8
+    activations, symmetric: OpenVINO's ``performance`` preset) and initialised by
+    post-training calibration on *calibration* -- the model QAT trains, its quantizer
+    scales trainable. The quantizers are hooks on *model* itself. Returns it and the
+    settings recorded in the manifest."""
+    import nncf
+
+    kernels = _reference_fake_quant()
+    model_type = nncf.ModelType.TRANSFORMER if has_attention(model) else None
+    dataset = nncf.Dataset(list(calibration.split(batch_size)))
+    quantized = nncf.quantize(model.eval(), dataset, subset_size=len(calibration), model_type=model_type)
+    return quantized, {"nncf": nncf.__version__, "model_type": "transformer" if model_type else "default",
+                       "subset_size": len(calibration), "preset": "performance (symmetric)",
+                       "fake_quantize": kernels, "quantizers": count_quantizers(quantized)}
+
+
+def count_quantizers(model: nn.Module) -> int:
+    """How many NNCF fake quantizers *model* carries (0: a plain float model)."""
+    from nncf.torch.quantization.layers import BaseQuantizer
+
+    return sum(isinstance(m, BaseQuantizer) for m in model.modules())
+
+
+def export_qat(quantized: nn.Module, example: torch.Tensor, directory: Path,
+               settings: dict[str, Any]) -> dict[str, Any]:
+    """The trained fake-quantized model as OpenVINO IR in ``directory/model.xml``: its
+    quantizers become ``FakeQuantize`` nodes, which OpenVINO's CPU plugin executes as int8
+    kernels. The deploy description, as :func:`quantize_openvino` makes it."""
+    xml, binary = save_openvino(convert_openvino(quantized, example), directory / "model.xml")
+    return {"format": "openvino", "engine": "openvino", "files": {"model.xml": xml, "model.bin": binary},
+            "settings": {**settings, "trained": "quantization-aware"}}
+
+
+def float_weights(quantized: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of *quantized* without NNCF's quantizer hooks: the float weights QAT
+    trained, which load into the parent's architecture."""
+    return {k: v for k, v in quantized.state_dict().items() if not k.startswith("__nncf_hooks.")}

@@ -175,6 +175,24 @@ class QuantizeParams(_Params):
         return self
 
 
+class QatParams(LoopParams):
+    """Quantization-aware training of the parent: NNCF inserts fake quantizers (int8
+    weights per channel, int8 activations), calibrated first on ``calibration_batches``
+    train batches as post-training quantization would be; the model then trains in the
+    shared loop with them in the forward pass (straight-through gradients in full
+    precision, the quantizer scales trained too) and the best validation epoch is
+    converted to an OpenVINO int8 model. ``engine``, ``weights`` and ``activations`` name
+    the quantization it targets: ``quantize`` with the same three is its post-training
+    counterpart. Defaults: 3 epochs at a fine-tuning rate (1e-5, NNCF's advice)."""
+
+    engine: Literal["openvino"] = "openvino"
+    weights: Literal["int8"] = "int8"
+    activations: Literal["int8"] = "int8"
+    calibration_batches: int = Field(8, ge=1, le=10_000)
+    epochs: int = Field(3, ge=1, le=10_000)
+    lr: float = Field(1e-5, gt=0, le=10)
+
+
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
@@ -407,6 +425,8 @@ for _kind in (
               default_duration_s=300.0, label="fine-tuning"),
     StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
               default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
+    StageKind("qat", QatParams, "workers.stages.qat:run", True, True, may_wait=True, default_duration_s=300.0,
+              label="quantization-aware training", artifact_format=_quantize_format, consumes=("torch",)),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
               label="evaluation", unkeyed_defaults=("runtime", "precision"),
               cohort_runner="workers.stages.evaluate:run_cohort"),
