@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Hashable
 
 from orchestrator.cluster import NodeInfo
+from orchestrator.gate import decide, not_needed
 from orchestrator.plan import Plan, PlannedStage
 from orchestrator.pool import Completion
 from orchestrator.pool import WorkerPool as Pool
@@ -53,6 +54,7 @@ from orchestrator.sweep import (  # noqa: F401 - re-exported: callers import the
 )
 from workers.types import Cohort, StageResult
 
+_ENDED = ("succeeded", "reused", "failed", "skipped")  # a stage that will not run again in this run
 WAIT_TICK_S = 1.0  # the longest a tick waits for a result
 PROGRESS_POLL_S = 5.0  # how often running stages' progress reports are drained
 BATCH_WINDOW_S = 0.02  # how long a tick waits to collect a batch of short stages
@@ -98,6 +100,15 @@ class Coordinator:
         self._counts_by: dict[str, int] = {}
         for v in self.status.values():
             self._counts_by[v] = self._counts_by.get(v, 0) + 1
+        # conditional stages (``when:``): the evaluations each waits for, their decisions,
+        # and the stages skipped because a condition said they are not needed
+        self._evaluations = {s.key: s.inputs.evaluations for s in plan.stages if s.inputs.evaluations}
+        self._waiters: dict[str, list[str]] = {}
+        for key, evaluations in self._evaluations.items():
+            for ev in evaluations:
+                self._waiters.setdefault(ev, []).append(key)
+        self._decisions: dict[str, dict[str, Any]] = {}
+        self._not_needed: set[str] = set()
         self._ready_keys: set[str] = {k for k in self.status if self._is_ready(k)}
         self._reuse_checked: set[str] = set()
         self._kind_s: dict[str, list[float]] = {}  # recent durations per kind: short stages pipeline
@@ -124,7 +135,8 @@ class Coordinator:
 
     def _is_ready(self, key: str) -> bool:
         parent = self._parent[key]
-        return self.status[key] == "pending" and (parent is None or self.status[parent] in ("succeeded", "reused"))
+        return (self.status[key] == "pending" and (parent is None or self.status[parent] in ("succeeded", "reused"))
+                and all(self.status[ev] in _ENDED for ev in self._evaluations.get(key, ())))
 
     def _set(self, key: str, status: str) -> None:
         """Move stage *key* to *status*, keeping the counters and the ready set true."""
@@ -142,6 +154,10 @@ class Coordinator:
             for child in self._children.get(key, ()):
                 if self._is_ready(child):
                     self._ready_keys.add(child)
+        if status in _ENDED:
+            for waiter in self._waiters.get(key, ()):
+                if self._is_ready(waiter):
+                    self._ready_keys.add(waiter)
         if status == "pending":
             self._reuse_checked.discard(key)
 
@@ -173,9 +189,31 @@ class Coordinator:
     def _skip_descendants(self, key: str, reason: str) -> None:
         for k in self.plan.descendants(key):
             if self.status[k] == "pending":
-                self._set(k, "skipped")
-                self.store.mark_stage_skipped(self.sweep_id, k, reason)
-                self.progress.stage_skipped(self.plan.stage(k), reason)
+                self._skip(k, reason)
+
+    def _skip(self, key: str, reason: str, metrics: dict[str, Any] | None = None) -> None:
+        self._set(key, "skipped")
+        if not_needed(reason):
+            self._not_needed.add(key)
+        self.store.mark_stage_skipped(self.sweep_id, key, reason, metrics)
+        self.progress.stage_skipped(self.plan.stage(key), reason)
+
+    def _decide(self, stage: PlannedStage) -> bool:
+        """Decide a conditional stage whose evaluations are stored: True to run it; else
+        it is skipped with the reason (and everything after it)."""
+        gate = stage.gate
+        if gate is None or stage.key in self._decisions:
+            return True
+        stored = {st.key: st for st in self.store.stages(self.sweep_id)}
+        decision = decide(gate, stored.get(gate.parent_eval), stored.get(gate.sibling_eval))
+        self._decisions[stage.key] = decision.to_json()
+        if decision.run:
+            self.progress.warning(f"{stage.label} ({stage.key[:12]}) runs: {decision.reason}")
+            return True
+        self._skip(stage.key, decision.reason, {"gate": decision.to_json()})
+        self._skip_descendants(stage.key, f"{decision.reason} (for {stage.label} {stage.key[:12]}, which this "
+                                          "follows)")
+        return False
 
     def _try_reuse(self, stage: PlannedStage) -> bool:
         """Reuse an artifact built earlier (this sweep's store or another sweep's)."""
@@ -191,6 +229,7 @@ class Coordinator:
         self.store.record_stage_result(self.sweep_id, StageResult(
             key=stage.key, kind=stage.kind, status="succeeded", duration_s=0.0, node_id="",
             artifact=artifact_from_manifest(stage.key, path, manifest),
+            metrics={"gate": self._decisions[stage.key]} if stage.key in self._decisions else {},
         ))
         self.store.mark_stage_reused(self.sweep_id, stage.key)
         self._set(stage.key, "reused")
@@ -243,6 +282,8 @@ class Coordinator:
     def _dispatch(self) -> None:
         ready: list[PlannedStage] = []
         for stage in self._ready():
+            if not self._decide(stage):
+                continue
             if (stage.key not in self._reuse_checked or stage.key in self.waiting_on) and self._try_reuse(stage):
                 continue  # checked once when it became ready, and while another sweep builds it
             self._reuse_checked.add(stage.key)
@@ -323,9 +364,20 @@ class Coordinator:
         return get_kind(stage.kind).cohort_runner is not None and (stage.target or "") in self.plan.references
 
     def _more_coming(self, slot: Slot) -> bool:
-        """Could an evaluation *slot* runs still become ready (its parent not done yet)?"""
+        """Could an evaluation *slot* runs still become ready (its parent not done yet)?
+        Not one behind an undecided condition: that waits for evaluations, maybe these."""
         return any(self.status[k] == "pending" and k not in self._ready_keys
-                   and compatible(self.plan.stage(k), slot.node) for k in self._cohort_keys)
+                   and compatible(self.plan.stage(k), slot.node) and not self._behind_condition(k)
+                   for k in self._cohort_keys)
+
+    def _behind_condition(self, key: str) -> bool:
+        """Is *key* (or an ancestor) a conditional stage whose evaluations are not all stored?"""
+        k: str | None = key
+        while k is not None:
+            if any(self.status[ev] not in _ENDED for ev in self._evaluations.get(k, ())):
+                return True
+            k = self._parent.get(k)
+        return False
 
     def _within_memory(self, members: list[PlannedStage], slot: Slot) -> list[PlannedStage]:
         """The first of *members* whose models fit the node's memory budget (at least one)."""
@@ -464,6 +516,8 @@ class Coordinator:
         return [run for runs in self.in_flight.values() for run in runs]
 
     def _persist(self, finished: list[tuple[_Running, StageResult]]) -> None:
+        finished = [(run, dataclasses.replace(r, metrics={**r.metrics, "gate": self._decisions[r.key]}))
+                    if r.key in self._decisions else (run, r) for run, r in finished]
         self.store.record_stage_results(self.sweep_id, [r for _, r in finished])
         end = datetime.now(timezone.utc)
         for run, result in finished:
@@ -664,7 +718,8 @@ class Coordinator:
         counts = self._counts()
         measured = [s.key for s in self.plan.stages if not get_kind(s.kind).produces_artifact]  # evaluations
         ok_evals = sum(1 for k in measured if self.status[k] == "succeeded")
-        if counts.get("failed", 0) == 0 and counts.get("skipped", 0) == 0:
+        # a stage its condition said is not needed (and what follows it) is the answer, not a failure
+        if counts.get("failed", 0) == 0 and counts.get("skipped", 0) == len(self._not_needed):
             status = "succeeded"
         elif ok_evals:
             status = "partial"

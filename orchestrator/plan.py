@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from orchestrator.errors import SpecError
+from orchestrator.gate import Gate
 from orchestrator.spec import SweepSpec
 from workers.backends import BACKENDS, get_backend
 from workers.util import canonical_json
@@ -69,6 +70,9 @@ class PlannedStage:
     # What the stage reads besides its parent (a teacher artifact, spec-named files with
     # their digests), from its kind's declaration: what the coordinator ships.
     inputs: StageInputs = field(default_factory=StageInputs)
+    # A conditional stage (``when:``): the condition and the evaluations that decide it
+    # (also in ``inputs.evaluations``, which the coordinator waits for); not in the key.
+    gate: Gate | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,9 @@ class Plan:
             "stages": [
                 {"key": s.key, "kind": s.kind, "label": s.label, "parent_key": s.parent_key,
                  "target": s.target, "params": dict(s.params),
-                 "reads": {"artifacts": list(s.inputs.artifacts), "files": [path for path, _ in s.inputs.files]}}
+                 "reads": {"artifacts": list(s.inputs.artifacts), "files": [path for path, _ in s.inputs.files],
+                           "evaluations": list(s.inputs.evaluations)},
+                 **({"when": s.gate.to_json()} if s.gate is not None else {})}
                 for s in self.stages
             ],
             "point_list": [
@@ -219,6 +225,10 @@ def build_plan(spec: SweepSpec) -> Plan:
     chains: list[tuple[str, list[PlannedStage]]] = []
     if spec.evaluate.baseline:
         chains.append(("baseline", list(base_chain)))
+    # conditional stages: key -> (condition, pipeline, the chain up to its parent); a stage
+    # planned both with and without a condition runs unconditionally
+    gated: dict[str, tuple[Mapping[str, float], str, list[PlannedStage]]] = {}
+    ungated: set[str] = set()
     for pipeline in spec.pipelines:
         partial: list[list[PlannedStage]] = [list(base_chain)]
         for template in pipeline.stages:
@@ -235,9 +245,20 @@ def build_plan(spec: SweepSpec) -> Plan:
                         inputs=inputs if chain else _with_root(inputs, root_inputs),
                     )
                     add(st)
+                    if template.when is None:
+                        ungated.add(st.key)
+                    elif gated.setdefault(st.key, (template.when, pipeline.name, chain))[0] != template.when:
+                        raise SpecError(f"pipeline {pipeline.name}: {label} is planned with two different 'when:' "
+                                        "conditions -- give it one")
                     grown.append(chain + [stages[st.key]])
             partial = grown
         chains.extend((pipeline.name, c) for c in partial)
+    for key in ungated:
+        gated.pop(key, None)
+    # a condition compares with the float parent: make sure that model is measured too
+    for _when, pipeline_name, chain in gated.values():
+        if not any([s.key for s in c] == [s.key for s in chain] for _, c in chains):
+            chains.append((pipeline_name, list(chain)))
 
     evaluate = get_kind(kind_with_role("evaluation").name)
     unpaired: list[Unpaired] = []
@@ -273,11 +294,54 @@ def build_plan(spec: SweepSpec) -> Plan:
             raise SpecError(f"evaluate.runtimes: nothing can measure {label} ({'; '.join(sorted(set(reasons)))}) "
                             f"-- its {fmt} model runs on: {runs}; add one to evaluate.runtimes or change the pipeline")
 
+    for key, (when, pipeline_name, _chain) in gated.items():
+        stages[key] = _gated(spec, stages, stages[key], when, pipeline_name)
     references = {target: _reference(spec, evaluate.name, target, base_chain, rkey, root_inputs)
                   for target in spec.evaluate.targets}
     ordered = tuple(stages.values())  # insertion order is parent-before-child
     return Plan(root_key=rkey, stages=ordered, points=tuple(points), naive_stage_count=naive,
                 unpaired=tuple(unpaired), references=references, _by_key=dict(stages))
+
+
+def _gated(spec: SweepSpec, stages: Mapping[str, PlannedStage], st: PlannedStage, when: Mapping[str, float],
+           pipeline: str) -> PlannedStage:
+    """*st* with its gate: the sibling its kind names on the same parent, and the two
+    evaluations (the sibling's and the float parent's, on the first target at fp32, on the
+    first runtime that runs the sibling's model) that decide it."""
+    kind = get_kind(st.kind)
+    assert kind.sibling is not None  # register_kind: conditions need a sibling
+    sibling_kind, wanted = kind.sibling(st.params)
+    where = f"pipeline {pipeline}: {st.label} when"
+    written = ", ".join(f"{k}: {v}" for k, v in wanted.items())
+    siblings = [s for s in stages.values() if s.kind == sibling_kind and s.parent_key == st.parent_key
+                and all(s.params.get(k) == v for k, v in wanted.items())]
+    if not siblings:
+        raise SpecError(f"{where}: no post-training sibling to compare with -- add a pipeline that ends in "
+                        f"'{sibling_kind}: {{{written}}}' on the same parent as {st.label}, or remove 'when:'")
+    # the sibling closest to the stage's own settings (calibration) when there are several
+    sibling = max(siblings, key=lambda s: sum(s.params.get(k) == v for k, v in st.params.items()))
+    target = spec.evaluate.targets[0]
+    if "fp32" not in spec.evaluate.precisions:
+        raise SpecError(f"{where}: the condition is measured at fp32 -- add fp32 to evaluate.precision")
+    fmt = get_kind(sibling.kind).artifact_format(sibling.params)
+    runtime = next((r for r in spec.evaluate.runtimes if get_backend(r).pairing(fmt, "fp32") is None), None)
+    if runtime is None:
+        raise SpecError(f"{where}: nothing in evaluate.runtimes runs {sibling.label}'s {fmt} model -- add one")
+
+    def evaluation_of(parent: str | None) -> PlannedStage | None:
+        return next((s for s in stages.values() if get_kind(s.kind).role == "evaluation" and s.parent_key == parent
+                     and s.target == target and s.params.get("runtime") == runtime
+                     and s.params.get("precision") == "fp32"), None)
+
+    sibling_eval, parent_eval = evaluation_of(sibling.key), evaluation_of(st.parent_key)
+    if sibling_eval is None:
+        raise SpecError(f"{where}: {sibling.label} is not measured (a stage follows it in every pipeline) -- add a "
+                        "pipeline that ends in it")
+    assert parent_eval is not None  # build_plan measures every gated stage's float parent
+    gate = Gate(condition=next(iter(when)), threshold=next(iter(when.values())), sibling_key=sibling.key,
+                sibling_label=sibling.label, sibling_eval=sibling_eval.key, parent_eval=parent_eval.key,
+                where=f"{target} on {runtime} fp32")
+    return replace(st, gate=gate, inputs=replace(st.inputs, evaluations=(parent_eval.key, sibling_eval.key)))
 
 
 def _reference(spec: SweepSpec, kind: str, target: str, base_chain: list[PlannedStage], rkey: str,

@@ -149,7 +149,10 @@ class LineProgress:
         self._echo(f"[{done:3d}/{total:3d}] reused  {self._name(stage)}  (artifact {stage.key[:12]} exists)")
 
     def stage_skipped(self, stage: Any, reason: str) -> None:
-        self._echo(f"           skipped {self._name(stage)}  (a parent stage failed)")
+        from orchestrator.gate import decided_skip
+
+        why = reason if decided_skip(reason) else "a parent stage failed"
+        self._echo(f"           skipped {self._name(stage)}  ({why})")
 
     def stage_progress(self, stage: Any, report: dict[str, Any]) -> None:
         self._echo(f"           ...     {self._name(stage)}  {_progress_text(report)}")

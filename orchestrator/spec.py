@@ -84,6 +84,9 @@ class StageTemplate:
 
     kind: str
     axes: tuple[tuple[str, tuple[Any, ...]], ...]
+    # ``when:`` -- the stage runs only if this condition holds (orchestrator/gate.py); not
+    # a grid axis and not part of the stage key
+    when: Mapping[str, float] | None = None
 
     def combinations(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """(user-written params, full validated params) for every grid point."""
@@ -179,12 +182,15 @@ def _as_axis(value: Any) -> tuple[Any, ...]:
 
 
 def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
-    if not isinstance(raw, dict) or len(raw) != 1:
+    when_raw = raw.get("when") if isinstance(raw, dict) else None
+    body = {k: v for k, v in raw.items() if k != "when"} if isinstance(raw, dict) else raw
+    if not isinstance(body, dict) or len(body) != 1:
         raise SpecError(
             f"{path}: a stage is a mapping with exactly one key, the stage kind "
-            f"({', '.join(pipeline_kinds())}), e.g. '- prune: {{method: structured, ratio: 0.5}}'"
+            f"({', '.join(pipeline_kinds())}), e.g. '- prune: {{method: structured, ratio: 0.5}}' "
+            "(and, on a conditional stage, 'when:')"
         )
-    (kind, params), = raw.items()
+    (kind, params), = body.items()
     known = find_kind(kind)
     if known is not None and not known.hidden and known.role != "pipeline":
         section = "train" if known.role == "baseline" else "evaluate"  # the spec sections of these roles
@@ -209,7 +215,12 @@ def _parse_stage(raw: Any, path: str, max_points: int) -> StageTemplate:
         if len(set(map(canonical_json, values))) != len(values):
             raise SpecError(f"{path}.{kind}.{name}: grid values repeat -- list each value once")
         axes.append((name, values))
-    template = StageTemplate(kind=kind, axes=tuple(axes))
+    when = None
+    if isinstance(raw, dict) and "when" in raw:
+        from orchestrator.gate import parse_when
+
+        when = parse_when(when_raw, f"{path}.{kind}", get_kind(kind).conditions)
+    template = StageTemplate(kind=kind, axes=tuple(axes), when=when)
     # Refuse a huge grid before validating its combinations (that alone could take hours).
     combos = math.prod(len(vals) for _, vals in axes)
     if combos > max_points:

@@ -139,5 +139,26 @@ def mcnemar(reference_correct: Sequence[bool], model_correct: Sequence[bool]) ->
     return McNemar(b, c, p)
 
 
+def pack_correct(correct: Sequence[bool]) -> dict[str, object]:
+    """Which samples a model got right, as stored with its evaluation (one bit per test
+    sample, in the split's order, hex): ``{"n": <samples>, "bits": "<hex>"}`` -- 2.5 KB for
+    a 10,000-image test split. A later paired test (a conditional stage's gate) reads it."""
+    out = bytearray((len(correct) + 7) // 8)
+    for i, ok in enumerate(correct):
+        if ok:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return {"n": len(correct), "bits": out.hex()}
+
+
+def unpack_correct(packed: object) -> list[bool]:
+    """The inverse of :func:`pack_correct`; ValueError when *packed* is not one."""
+    if not isinstance(packed, dict) or not isinstance(packed.get("n"), int) or not isinstance(packed.get("bits"), str):
+        raise ValueError("no per-sample correctness stored with this evaluation")
+    n, data = int(packed["n"]), bytes.fromhex(str(packed["bits"]))
+    if len(data) != (n + 7) // 8:
+        raise ValueError(f"per-sample correctness of {n} samples holds {len(data)} bytes")
+    return [bool(data[i // 8] & (0x80 >> (i % 8))) for i in range(n)]
+
+
 __all__ = ["ALPHA", "CONFIDENCE", "MARGIN", "McNemar", "RatioEstimate", "identity_estimate", "mcnemar",
-           "outlier_rounds", "paired_ratio", "t_quantile"]
+           "outlier_rounds", "pack_correct", "paired_ratio", "t_quantile", "unpack_correct"]

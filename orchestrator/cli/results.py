@@ -50,7 +50,9 @@ def status(sweep_id: str | None, db: str | None) -> None:
         if st.runtime is not None and not is_default_deployment(st.runtime, st.precision):
             where += f" {st.runtime} {st.precision}"
         dur = f"{st.duration_s:7.1f}s" if st.duration_s is not None else " " * 8
-        err = f"  {st.error}" if st.error else ""
+        gate = st.metrics.get("gate") if isinstance(st.metrics, dict) else None
+        err = f"  {st.error}" if st.error else (f"  {gate['reason']}" if isinstance(gate, dict) and gate.get("reason")
+                                                else "")
         click.echo(f"  {st.status:<9} {st.kind:<9}{where:<10} {st.key[:12]} {dur} attempts {st.attempts}{err}")
         tries = attempts.get(st.key, [])
         if len(tries) > 1 or any(a.status in ("lost", "cancelled") for a in tries):

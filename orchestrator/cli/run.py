@@ -42,6 +42,11 @@ def plan(spec_path: Path, as_json: bool) -> None:
     for pt in p.points:
         on = f" on {pt.runtime} {pt.precision}" if several else ""
         click.echo(f"  [{pt.index:3d}] {pt.label}  @ {pt.target}{on}")
+    conditional = [s for s in p.stages if s.gate is not None]
+    if conditional:
+        click.echo(f"conditional stages: {len(conditional)} (and the points after them)")
+        for s in conditional:
+            click.echo(f"  - {s.label} ({s.key[:12]}) {s.gate.describe()}")
     if p.unpaired:
         by_reason: dict[str, list[str]] = {}
         for u in p.unpaired:

@@ -128,6 +128,8 @@ def result_row(point: PointRecord) -> ResultRow:
         reference_energy_per_sample_j=_mean_of(reference.get("energy_per_sample_j")),
         energy_follows_time=follows if isinstance(follows, bool) else None,
         time_ratio_cv=_number(paired.get("time_ratio_cv")),
+        decision=next((str(gate["reason"]) for s in point.chain if s is not None
+                       and isinstance(gate := s.metrics.get("gate"), Mapping) and "reason" in gate), None),
     )
 
 

@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
+from orchestrator.gate import NOT_NEEDED, not_needed
 from orchestrator.store.records import DEFAULT_PRECISION, DEFAULT_RUNTIME, ResultRow
 
 RESULT_FIELDS: tuple[str, ...] = (
@@ -31,7 +32,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
     "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high", "verdict_time",
     "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high", "verdict_energy",
-    "verdict_top1",
+    "verdict_top1", "decision",
 )
 
 SAME = "≈"  # how a verdict of ``same`` reads: no difference beyond the noise and the 2 % margin
@@ -160,7 +161,8 @@ def _table(data: list[dict[str, Any]]) -> str:
     for d in data:
         where = (d["target"], *((f"{d['runtime']} {d['precision']}",) if runtimes else ()))
         if d["top1"] is None:  # the evaluation did not succeed (failed, skipped, pending)
-            t.add_row(str(d["point_index"]), d["point"], *where, "-", "-", d["status"] or "-",
+            shown = NOT_NEEDED if not_needed(d.get("decision")) else d["status"] or "-"
+            t.add_row(str(d["point_index"]), d["point"], *where, "-", "-", shown,
                       *["-"] * (len(columns) - 5 - len(where)))
             continue
         tps = d["time_per_sample_s"]
@@ -185,4 +187,7 @@ def _table(data: list[dict[str, Any]]) -> str:
     sources = sorted({d["intensity_source"] for d in data if d.get("intensity_source")})
     if sources:
         notes.append("carbon intensity: " + "; ".join(sources) + (" -- a fallback, not your grid" if fallback else ""))
+    decisions = sorted({d["decision"] for d in data if d.get("decision")})
+    if decisions:
+        notes.append("conditional stages: " + "; ".join(decisions))
     return console.export_text().rstrip("\n") + "\n" + "\n".join(notes)

@@ -174,8 +174,10 @@ class BaseStore(ABC):
         stage does not run."""
 
     @abstractmethod
-    def mark_stage_skipped(self, sweep_id: str, key: str, reason: str) -> None:
-        """The stage will not run (e.g. its parent failed); *reason* is kept as its error."""
+    def mark_stage_skipped(self, sweep_id: str, key: str, reason: str,
+                           metrics: Mapping[str, Any] | None = None) -> None:
+        """The stage will not run (its parent failed, or its condition says it is not
+        needed); *reason* is kept as its error, *metrics* (a gate's decision) as its metrics."""
 
     def record_stage_result(self, sweep_id: str, result: StageResult) -> None:
         """Persist what a worker returned for stage ``result.key`` of *sweep_id*.

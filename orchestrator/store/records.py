@@ -325,3 +325,6 @@ class ResultRow:
     reference_energy_per_sample_j: float | None = None
     energy_follows_time: bool | None = None  # the energy figure is an estimate proportional to time
     time_ratio_cv: float | None = None  # round-to-round CV of the paired time ratio
+    # A conditional stage of the chain (``when:``): what its gate decided and why, e.g.
+    # "not needed: PTQ lost 0.3 points <= 1.0" (the point is then not measured)
+    decision: str | None = None

@@ -86,12 +86,15 @@ class WritesMixin(SQLCore):
             row.error = None
             row.traceback = None
 
-    def mark_stage_skipped(self, sweep_id: str, key: str, reason: str) -> None:
+    def mark_stage_skipped(self, sweep_id: str, key: str, reason: str,
+                           metrics: Mapping[str, Any] | None = None) -> None:
         with self._session(write=True) as session:
             row = self._stage_row(session, sweep_id, key)
             row.status = "skipped"
             row.finished_at = utcnow()
             row.error = first_line(reason)
+            if metrics is not None:
+                row.metrics = dict(metrics)
 
     def record_stage_results(self, sweep_id: str, results: Sequence[StageResult]) -> None:
         # One stage-row UPDATE for all results, one attempt UPDATE per outcome, one artifact

@@ -56,7 +56,7 @@ from workers.backends.base import Deployable, ThreadSettings, agreement, check_e
 from workers.data import load_dataset
 from workers.meters import DOMAINS, Meter, make_meter
 from workers.stages.registry import EvaluateParams
-from workers.stats import RatioEstimate, identity_estimate, mcnemar, outlier_rounds, paired_ratio
+from workers.stats import RatioEstimate, identity_estimate, mcnemar, outlier_rounds, pack_correct, paired_ratio
 from workers.types import Cohort, EnergyReading, EvalRepeat, StageOutput, StageTask, WorkerEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -244,7 +244,8 @@ def _output(m: _Member, meter: Meter, reference: _Member | None, cohort_facts: d
     repeats = tuple(m.windows)
     metrics = {**_artifact_metrics(m.manifest), **_protocol_metrics(m.params, repeats),
                **_energy_metrics(repeats, meter), "runtime": cast(Deployable, m.deployable).describe(),
-               "deployable_size_bytes": cast(Deployable, m.deployable).size_bytes, "agreement": m.checked}
+               "deployable_size_bytes": cast(Deployable, m.deployable).size_bytes, "agreement": m.checked,
+               "correct_top1": pack_correct(m.correct)}
     if reference is not None and cohort_facts is not None:
         metrics["cohort"] = cohort_facts
         metrics["paired"] = _paired_metrics(m, reference, repeats)

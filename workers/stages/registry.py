@@ -252,8 +252,8 @@ class StageInputs:
 
     artifacts: tuple[str, ...] = ()  # other artifacts, by stage key (e.g. a teacher)
     files: tuple[tuple[str, str], ...] = ()  # (absolute path, sha256 taken at spec time)
-    # Stage keys of evaluations whose stored result this stage reads (a conditional
-    # stage that runs only if a sibling's evaluation says so); none of today's kinds.
+    # Stage keys of evaluations whose stored results this stage waits for and reads: a
+    # conditional stage (``when:``) runs only if they say so (orchestrator/gate.py).
     evaluations: tuple[str, ...] = ()
 
 
@@ -329,6 +329,12 @@ class StageKind:
     # (one per task: its output or what stopped it); the coordinator then forms cohorts
     # of this kind's ready stages per node (workers.types.Cohort). None: one at a time.
     cohort_runner: str | None = None
+    # Conditions a spec may put on a stage of this kind (``when: {<name>: <threshold>}``,
+    # decided by orchestrator/gate.py from stored evaluations), and the post-training
+    # counterpart they compare against: *sibling(params)* is the kind and the parameters a
+    # stage on the same parent must have to be this stage's sibling.
+    conditions: tuple[str, ...] = ()
+    sibling: Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]]] | None = None
 
     def load_runner(self) -> Callable[..., Any]:
         return _load(self.runner)
@@ -387,6 +393,11 @@ class StageKind:
         return out
 
 
+def _ptq_sibling(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """QAT's post-training counterpart: ``quantize`` with the quantization it targets."""
+    return "quantize", {name: params[name] for name in ("engine", "weights", "activations")}
+
+
 def _unstructured(params: Mapping[str, Any]) -> bool:
     return params.get("method") == "unstructured"
 
@@ -401,6 +412,8 @@ def register_kind(kind: StageKind) -> StageKind:
         raise ValueError(f"stage kind name {kind.name!r}: use lower-case letters, digits and '_'")
     if kind.role == "evaluation" and kind.produces_artifact:
         raise ValueError(f"stage kind {kind.name!r}: an evaluation produces no artifact")
+    if kind.conditions and kind.sibling is None:
+        raise ValueError(f"stage kind {kind.name!r}: conditions need a sibling to compare against")
     for what, names in (("reference", kind.references), ("unkeyed default", kind.unkeyed_defaults)):
         for name in names:
             if name not in kind.params.model_fields:
@@ -426,7 +439,8 @@ for _kind in (
     StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
               default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
     StageKind("qat", QatParams, "workers.stages.qat:run", True, True, may_wait=True, default_duration_s=300.0,
-              label="quantization-aware training", artifact_format=_quantize_format, consumes=("torch",)),
+              label="quantization-aware training", artifact_format=_quantize_format, consumes=("torch",),
+              conditions=("ptq_top1_drop_over",), sibling=_ptq_sibling),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
               label="evaluation", unkeyed_defaults=("runtime", "precision"),
               cohort_runner="workers.stages.evaluate:run_cohort"),
