@@ -345,8 +345,14 @@ def _energy_sources(rows: Sequence[ResultRow]) -> str:
 def _failures(stages: Sequence[StageRecord]) -> str:
     from workers.stages.registry import stage_label  # pydantic: imported only for a failure table
 
-    bad = [s for s in stages if s.status in ("failed", "skipped")]
+    from orchestrator.gate import not_needed
+
+    bad = [s for s in stages if s.status in ("failed", "skipped") and not not_needed(s.error)]
+    unneeded = [s for s in stages if s.status == "skipped" and not_needed(s.error)]
     body = ['<section id="failures"><h2>Failures</h2>']
+    if unneeded:  # a conditional stage's gate said no: an answer, not a failure
+        body.append('<p id="not-needed">not needed (a condition said so): '
+                    + "; ".join(_e(f"{stage_label(s.kind, s.params)}: {s.error}") for s in unneeded) + "</p>")
     if not bad:
         body.append('<p id="no-failures">no stage failed or was skipped</p></section>')
         return "".join(body)
