@@ -214,6 +214,14 @@ def kernel_misfit(shape: Sequence[int], precision: str, backend: str) -> str | N
     return None
 
 
+def _to_sparse(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """*weight* as a semi-structured sparse tensor of *backend* (torch's own converter picks
+    cuSPARSELt whether or not this build has it, so CUTLASS is asked for by name)."""
+    if backend == "cusparselt":
+        return torch.sparse.to_sparse_semi_structured(weight)
+    return torch.sparse.SparseSemiStructuredTensorCUTLASS.from_dense(weight)
+
+
 def why_simulated(device: str, precision: str, *, quantized: bool = False) -> str | None:
     """Why an evaluation on *device* at *precision* runs the pattern on dense kernels;
     None when torch's sparse kernels can run it here."""
@@ -256,7 +264,7 @@ def materialize(model: nn.Module, plan: SparsityPlan, *, device: str, precision:
             dense.append({"name": name, "why": misfit})
             continue
         try:
-            weight = torch.sparse.to_sparse_semi_structured(layer.weight.detach().to(dtype).contiguous())
+            weight = _to_sparse(layer.weight.detach().to(dtype).contiguous(), backend)
         except (RuntimeError, ValueError) as e:
             dense.append({"name": name, "why": f"conversion failed: {first_line(e)}"})
             continue

@@ -321,3 +321,16 @@ def test_materialize_off_gpu_returns_the_model_itself():
     assert run is model and record == {"pattern": "2:4", "materialized": False, "kernels": None,
                                        "reason": "CPU: dense kernels (torch's 2:4 kernels are CUDA-only)",
                                        "sparse_layers": ["0"], "dense_layers": []}
+
+
+def test_materialize_asks_for_cutlass_by_name_where_there_is_no_cusparselt(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(sparsity, "why_simulated", lambda device, precision, quantized=False: None)
+    monkeypatch.setattr(sparsity, "kernel_backend", lambda: "cutlass")
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: calls.append("default") or w.clone())
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensorCUTLASS, "from_dense",
+                        classmethod(lambda cls, w: calls.append("cutlass") or w.clone()))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    _, record = materialize(nn.Sequential(nn.Linear(64, 64)), SparsityPlan(2, 4, ("0",)), device="cuda",
+                            precision="fp16")
+    assert calls == ["cutlass"] and record["materialized"] is True and record["kernels"] == "cutlass"
