@@ -82,7 +82,7 @@ def results_dataframe(sweep_id: str | None = None, db: str | None = None) -> pd.
     README's results table for each field's meaning and unit). Missing figures are
     ``NaN``/``<NA>``: integer columns are pandas ``Int64``, ``materialized`` is
     ``boolean``, metrics are ``float64``; ``stages`` is a list, ``energy_source`` and
-    ``idle_power_w`` are per-domain dicts, as in the JSON output.
+    ``idle_power_w`` are per-domain dicts and ``sparsity`` a dict (or None), as in the JSON output.
 
     Raises :class:`~orchestrator.errors.UsageError` for a missing SQLite store, an
     empty store or an unknown sweep id, and :class:`~orchestrator.errors.StoreError`

@@ -109,6 +109,16 @@ def check_environment(spec: SweepSpec, artifact_root: Path) -> None:
                 if "heads" in modes and min(facts.attention_heads) < 2:
                     raise SpecError(f"{path}.mode: 'heads' needs at least 2 heads per attention module, and "
                                     f"{spec.model.arch} has {min(facts.attention_heads)} -- use mode 'all'")
+                semi = {(full["mode"], full["m"]) for _, full in template.combinations()
+                        if full.get("method") == "semi-structured"}
+                for mode, m in sorted(semi):
+                    if not facts.semi_structured_layers.get((mode, m)):
+                        outside = "the classifier and attention" if mode == "keep-attention" else "the classifier"
+                        raise SpecError(f"{path}.method: semi-structured needs an nn.Linear outside {outside} whose "
+                                        f"in_features is a multiple of {m}, and {spec.model.arch} has none -- use "
+                                        "method unstructured or structured"
+                                        + (" (or mode all)" if mode == "keep-attention"
+                                           and facts.semi_structured_layers.get(("all", m)) else ""))
             _check_artifact_refs(template, path, artifact_root)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -182,6 +182,8 @@ class ModelFacts:
 
     input_shape: tuple[int, int, int] | None  # None: not known (data not readable here)
     attention_heads: tuple[int, ...]  # num_heads of every attention module, in module order
+    # (semi-structured mode, m) -> how many Linear layers that pruning would take (workers.sparsity)
+    semi_structured_layers: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
 
 def probe_model(ref: ModelRef, num_classes: int, input_shape: Sequence[int] | None) -> ModelFacts:
@@ -217,8 +219,9 @@ def probe_model(ref: ModelRef, num_classes: int, input_shape: Sequence[int] | No
                                               f"{first_line(e)} -- {hint}") from None
     heads = tuple(int(m.num_heads) for m in model.modules()
                   if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int))
+    sparse = _semi_structured_counts(model)
     if input_shape is None:
-        return ModelFacts(None, heads)
+        return ModelFacts(None, heads, sparse)
     shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
     try:
         _forward_once(model, shape)
@@ -232,7 +235,16 @@ def probe_model(ref: ModelRef, num_classes: int, input_shape: Sequence[int] | No
                 f"model.input_size: [C, H, W] the architecture takes (its default is {list(default)}), the "
                 "size the images are converted to",
             ) from None
-    return ModelFacts(shape, heads)
+    return ModelFacts(shape, heads, sparse)
+
+
+def _semi_structured_counts(model: nn.Module) -> dict[tuple[str, int], int]:
+    """Eligible layers of *model* for each semi-structured mode and supported m (shapes only)."""
+    from workers.sparsity import eligible_layers
+    from workers.stages.registry import SEMI_STRUCTURED_PATTERNS
+
+    return {(mode, m): len(eligible_layers(model, m, mode)[0])
+            for mode in ("all", "keep-attention") for m in sorted({m for _, m in SEMI_STRUCTURED_PATTERNS})}
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -30,7 +30,9 @@ def result_row(point: PointRecord) -> ResultRow:
     the evaluation succeeded or was reused, which leaves every metric None).
 
     Model facts (params, MACs, on-disk bytes, materialized) come from the last compression
-    stage's artifact, else from what the evaluation itself saw of the model (its metrics).
+    stage's artifact, else from what the evaluation itself saw of the model (its metrics);
+    a model with an n:m pattern is materialized or not as the evaluation ran it (its
+    metrics' ``sparsity``: sparse kernels on one node, dense on another).
     Energy sources, idle power and the grid intensity are the first repeat's: one cohort
     measures every repeat of a point alike. The runtime and precision are the evaluation's
     (torch / fp32 for a stage that has none); its runtime's version, threads, deployable
@@ -65,6 +67,10 @@ def result_row(point: PointRecord) -> ResultRow:
         if point.artifact is not None
         else seen
     )
+    sparsity = _mapping(seen.get("sparsity"))  # how this evaluation ran an n:m pattern, if the model has one
+    materialized = sparsity.get("materialized")
+    if not isinstance(materialized, bool):
+        materialized = facts.get("materialized")
     ran = _mapping(seen.get("runtime"))
     agreement = _mapping(seen.get("agreement"))
     threads = ran.get("threads")
@@ -110,7 +116,7 @@ def result_row(point: PointRecord) -> ResultRow:
         params=facts.get("params"),
         macs=facts.get("macs"),
         size_bytes=facts.get("size_bytes"),
-        materialized=facts.get("materialized"),
+        materialized=materialized,
         runtime=point.evaluation.runtime or DEFAULT_RUNTIME,
         precision=point.evaluation.precision or DEFAULT_PRECISION,
         runtime_version=point.measured.runtime_version if point.measured is not None else None,
@@ -119,6 +125,7 @@ def result_row(point: PointRecord) -> ResultRow:
         top1_agreement=agreement.get("top1_agreement"),
         **{name: _number(paired.get(name)) for name in PAIRED_RATIOS},
         **{name: _word(paired.get(name)) for name in PAIRED_VERDICTS},
+        sparsity=dict(sparsity) if sparsity else None,
         stage_kinds=tuple(s.kind if s is not None else "" for s in point.chain),
         stage_params=tuple(dict(s.params) if s is not None else {} for s in point.chain),
         cohort_id=_word(cohort.get("id")),

@@ -6,7 +6,10 @@ several targets, runtimes or precisions shares its chain, so its sweep points fo
 one row whose cells are the columns. Accuracy and the model's facts (params, MACs,
 on-disk size, materialized or simulated) belong to the model and are shown once per row;
 time, energy and carbon per sample belong to the cell (and, with several runtimes or
-precisions, top-1 too: a reduced precision may change it).
+precisions, top-1 too: a reduced precision may change it). A 2:4 pattern is the exception:
+whether it ran on sparse kernels is each evaluation's own record (a cell's
+``materialized`` and ``sparsity``), and the compression column names the columns when
+they differ.
 
 Where a target has several columns, a model's **best runtime** there is marked: the
 fastest mean time per sample among its cells on that target whose top-1 is at most one
@@ -49,10 +52,12 @@ from typing import Any
 from orchestrator.report.results import (
     _SOURCE_MARK,
     SAME,
+    SPARSITY_NOTE,
     _fmt_bytes,
     _fmt_count,
     _pairs,
     _pct,
+    compression_text,
     energy_ratio_text,
     is_default_deployment,
     time_ratio_text,
@@ -68,7 +73,7 @@ CELL_FIELDS: tuple[str, ...] = (
     "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
     "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high", "verdict_time",
     "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high", "verdict_energy",
-    "verdict_top1", "energy_follows_time",
+    "verdict_top1", "energy_follows_time", "materialized", "sparsity",
 )
 MODEL_FIELDS: tuple[str, ...] = (
     "model", "stages", "top1", "top1_std", "top1_min", "top1_max", "top5", "params", "macs",
@@ -165,17 +170,32 @@ class ModelRow:
     def size_bytes(self) -> int | None:
         return self._fact("size_bytes")
 
+    def _runs(self) -> list[tuple[str, ResultRow]]:
+        """The cells that ran (all of them when none did), with their column names."""
+        ran = [(name, r) for name, r in self.cells.items() if r.top1 is not None]
+        return ran or list(self.cells.items())
+
     @property
     def materialized(self) -> bool | None:
-        return self._fact("materialized")
+        """The artifact's flag; for an n:m pattern, how the cells ran it -- None when they
+        differ (sparse kernels in one column, dense in another: see the cells)."""
+        values = {r.materialized for _, r in self._runs() if r.materialized is not None}
+        return values.pop() if len(values) == 1 else None
 
     @property
     def compression(self) -> str:
-        """``none`` (the baseline), ``materialized``, ``simulated``, or ``-`` when unknown."""
-        if self.label == "baseline":
-            return "none"
-        m = self.materialized
-        return "-" if m is None else ("materialized" if m else "simulated")
+        """``none`` (the baseline), ``materialized``, ``simulated`` (for an n:m pattern as
+        each column ran it, :func:`~orchestrator.report.results.compression_text`, and
+        ``... on <columns>`` when the columns differ), or ``-`` when unknown."""
+        by_text: dict[str, list[str]] = {}
+        for name, r in self._runs():
+            by_text.setdefault(compression_text(self.label, r.materialized, r.sparsity), []).append(name)
+        known = {text: names for text, names in by_text.items() if text != "-"}
+        if not known:
+            return "-"
+        if len(known) == 1:
+            return next(iter(known))
+        return "; ".join(f"{text} on {', '.join(names)}" for text, names in known.items())
 
 
 @dataclass(frozen=True)
@@ -360,6 +380,8 @@ def notes_for(c: Comparison) -> list[str]:
     if c.has_runtimes:
         notes.append(BEST_RULE)
     notes.append(SOURCES_NOTE)
+    if any(r.sparsity for m in c.models for r in m.cells.values()):
+        notes.append(SPARSITY_NOTE)
     return notes
 
 
@@ -413,7 +435,8 @@ def _csv(c: Comparison) -> str:
             if r is None:
                 continue
             for f, v in _cell_fields(r, m.best.get(col.target) == col.name).items():
-                line[f"{f}@{col.name}"] = _pairs(v) if f in ("energy_source", "threads") else v
+                line[f"{f}@{col.name}"] = (_pairs(v) if f in ("energy_source", "threads")
+                                           else json.dumps(v, separators=(",", ":")) if f == "sparsity" and v else v)
         w.writerow(line)
     return buf.getvalue().rstrip("\n")
 

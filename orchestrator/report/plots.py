@@ -173,8 +173,8 @@ def prune_series(rows: Sequence[ResultRow]) -> dict[str, dict[str, list[CurvePoi
         if not prunes:
             unpruned.setdefault((r.target, r.stages, deployment(r)), r)
             continue
-        if len(prunes) > 1 or prunes[0][1] not in r.stage_params[prunes[0][0]]:
-            continue
+        if len(prunes) > 1 or r.stage_params[prunes[0][0]].get(prunes[0][1]) is None:
+            continue  # two prunes, or one without the axis (semi-structured: its n:m is not a ratio)
         at, axis = prunes[0]
         name = _series_name(r, at) + (f" [{deployment(r)}]" if several else "")
         out.setdefault(r.target, {}).setdefault(name, []).append(CurvePoint(float(r.stage_params[at][axis]), r))

@@ -32,7 +32,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "runtime", "precision", "runtime_version", "threads", "deployable_size_bytes", "top1_agreement",
     "time_ratio_vs_baseline", "time_ratio_ci_low", "time_ratio_ci_high", "verdict_time",
     "energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high", "verdict_energy",
-    "verdict_top1", "decision",
+    "verdict_top1", "decision", "sparsity",
 )
 
 SAME = "≈"  # how a verdict of ``same`` reads: no difference beyond the noise and the 2 % margin
@@ -88,6 +88,30 @@ def energy_ratio_text(row: Any) -> str | None:
                       d.get("verdict_energy"))
 
 
+SPARSITY_NOTE = ("2:4: the model's semi-structured zeros; materialized = this evaluation ran them on torch's sparse "
+                 "kernels (a CUDA GPU of compute capability 8.0+, fp16 / bf16; the layers that fit), simulated = on "
+                 "dense kernels (results --format json: sparsity says why and lists the layers)")
+
+
+def compression_text(point: str, materialized: bool | None, sparsity: dict[str, Any] | None) -> str:
+    """The compression column: ``none`` (the baseline), ``materialized`` / ``simulated``
+    (for an n:m pattern as this evaluation ran it: ``simulated 2:4``, ``materialized 2:4
+    (8/9 layers)``: 8 of the model's 9 Linear layers ran on sparse kernels), ``-`` when
+    unknown."""
+    if point == "baseline":
+        return "none"
+    if materialized is None:
+        return "-"
+    word = "materialized" if materialized else "simulated"
+    if not sparsity:
+        return word
+    if not materialized:
+        return f"{word} {sparsity.get('pattern', '')}".rstrip()
+    sparse = len(sparsity.get("sparse_layers") or [])
+    linears = sparse + len(sparsity.get("dense_layers") or [])
+    return f"{word} {sparsity.get('pattern', '')} ({sparse}/{linears} layers)"
+
+
 def _pairs(mapping: dict[str, Any] | None) -> str:
     """A per-domain dict as one CSV cell: ``cpu=estimate-tdp;gpu=nvml-counter``."""
     return ";".join(f"{k}={v}" for k, v in sorted((mapping or {}).items()))
@@ -125,7 +149,8 @@ def render_results(rows: Iterable[Any], fmt: str) -> str:
         w.writeheader()
         for d in data:
             w.writerow({**d, "stages": " > ".join(d["stages"] or []), "energy_source": _pairs(d["energy_source"]),
-                        "idle_power_w": _pairs(d["idle_power_w"]), "threads": _pairs(d["threads"])})
+                        "idle_power_w": _pairs(d["idle_power_w"]), "threads": _pairs(d["threads"]),
+                        "sparsity": "" if d["sparsity"] is None else json.dumps(d["sparsity"], separators=(",", ":"))})
         return buf.getvalue().rstrip("\n")
     return _table(data)
 
@@ -176,7 +201,7 @@ def _table(data: list[dict[str, Any]]) -> str:
             _energy_cell(d),
             "-" if carbon is None else f"{1e6 * carbon:.4f}",
             _fmt_count(d["params"]), _fmt_count(d["macs"]), _fmt_bytes(d["size_bytes"]),
-            "none" if d["point"] == "baseline" else ("materialized" if d["materialized"] else "simulated"),
+            compression_text(d["point"], d["materialized"], d["sparsity"]),
         )
     console = Console(width=220, record=True, file=io.StringIO(), force_terminal=False)
     console.print(t)
@@ -184,6 +209,8 @@ def _table(data: list[dict[str, Any]]) -> str:
              "simulated = masks or fake-quant, same dense FLOPs"]
     if paired:
         notes.append(RATIO_NOTE)
+    if any(d["sparsity"] for d in data):
+        notes.append(SPARSITY_NOTE)
     sources = sorted({d["intensity_source"] for d in data if d.get("intensity_source")})
     if sources:
         notes.append("carbon intensity: " + "; ".join(sources) + (" -- a fallback, not your grid" if fallback else ""))

@@ -250,7 +250,9 @@ class ResultRow:
     subtracted; ``net_energy_per_sample_j`` subtracts it); a per-domain figure is ``None``
     when that domain had no sensor, and ``energy_source`` says where each domain's figure
     came from (``estimate-tdp`` is an estimate, not a measurement). Model facts (params,
-    MACs, on-disk bytes, materialized) describe the last compression stage's artifact;
+    MACs, on-disk bytes, materialized) describe the last compression stage's artifact --
+    but for a model with an n:m pattern ``materialized`` is the evaluation's own record
+    (``sparsity``: sparse kernels on one node, dense on another);
     ``deployable_size_bytes`` is what the runtime's exported or compiled form of it occupies.
     ``runtime_version``, ``threads`` (``{"intra_op", "inter_op"}``), the deployable's size
     and ``top1_agreement`` (the share of samples whose top-1 matched the reference model
@@ -314,6 +316,9 @@ class ResultRow:
     energy_ratio_ci_high: float | None = None
     verdict_energy: str | None = None  # cheaper | costlier | same; None without an energy figure
     verdict_top1: str | None = None  # better | worse | same: exact McNemar test on the same samples
+    # How the evaluation ran the model's n:m pattern (workers.sparsity: pattern, materialized,
+    # reason, sparse_layers, dense_layers); None when its chain made none.
+    sparsity: dict[str, Any] | None = None
     # Not in ``results --format json`` (RESULT_FIELDS is a stable contract); used by reports.
     carbon_g_per_sample_std: float | None = None
     stage_kinds: tuple[str, ...] = ()  # kinds of ``stage_keys``, e.g. ("train", "prune")

@@ -213,7 +213,10 @@ def test_checkpoint_plan_has_no_train_and_roots_at_the_first_stage(tmp_path: Pat
                                                          get_kind("evaluate").key_material(ev.params, ev.inputs))
     for s in plan.stages:
         if s.kind == "prune":
-            assert s.parent_key is None and s.key == stage_key(plan.root_key, "prune", dict(s.params))
+            assert s.parent_key is None and s.key == stage_key(plan.root_key, "prune",
+                                                               get_kind("prune").key_material(s.params, s.inputs))
+            # unchanged by the parameters added since (n, m: left out of the key at their default)
+            assert s.key == stage_key(plan.root_key, "prune", {k: v for k, v in s.params.items() if k not in ("n", "m")})
     assert (len(plan.points), len(plan.stages), plan.naive_stage_count) == (5, 2 + 4 + 5, 1 + 4 * 3)
 
 

@@ -99,7 +99,7 @@ def test_pruned_model_runs_and_records_its_chain(pruned, model, mode):
     result, loaded, manifest = pruned[(model, mode)]
     logits = loaded(torch.randn(2, *SHAPES[model]))
     assert logits.shape == (2, 10 if model == "vit" else CNN_CLASSES) and torch.isfinite(logits).all()
-    step = {"kind": "prune", "importance": "l1", "mode": None, **PARAMS[mode]}
+    step = {"kind": "prune", "importance": "l1", "mode": None, "n": None, "m": None, **PARAMS[mode]}
     assert manifest["compression"] == {"chain": [step]}
     assert manifest["input_shape"] == list(SHAPES[model])
     assert result.artifact.materialized is (mode != "unstructured")
@@ -183,7 +183,7 @@ def test_a_root_stage_needs_num_classes(root):
 
 
 def test_unstructured_mode_is_rejected_by_params(root):
-    with pytest.raises(ValueError, match="'mode' applies to structured pruning only"):
+    with pytest.raises(ValueError, match="'mode' applies to structured and semi-structured pruning only"):
         prune.run(_task(root, "vit", {"method": "unstructured", "ratio": 0.5, "mode": "all"}, None), ENV)
 
 

@@ -258,7 +258,7 @@ def test_quickstart_stage_templates():
         {"method": "structured", "mode": "all", "ratio": 0.3},
         {"method": "structured", "mode": "all", "ratio": 0.6},
     ]
-    assert combos[0][1] == {"method": "structured", "ratio": 0.3, "mode": "all", "importance": "l1"}
+    assert combos[0][1] == {"method": "structured", "ratio": 0.3, "mode": "all", "importance": "l1", "n": None, "m": None}
     quant = spec.pipelines[4].stages[1]
     assert [full for _, full in quant.combinations()] == [
         {"weights": "int8", "activations": "int8", "calibration_batches": 8, "batch_size": 64, "engine": "openvino",

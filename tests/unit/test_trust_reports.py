@@ -181,7 +181,9 @@ def test_a_missing_reference_top1_is_the_reference_rows() -> None:
 def test_results_rows_gain_exactly_the_paired_fields() -> None:
     rows = demo_rows()
     data = json.loads(render_results(rows, "json"))
-    assert RESULT_FIELDS[-10:-1] == PAIRED and RESULT_FIELDS[-1] == "decision" and all(list(d) == list(RESULT_FIELDS) for d in data)
+    at = RESULT_FIELDS.index(PAIRED[0])  # appended together, after the runtime fields (later keys follow them)
+    assert RESULT_FIELDS[at:at + 9] == PAIRED and RESULT_FIELDS[at - 1] == "top1_agreement"
+    assert all(list(d) == list(RESULT_FIELDS) for d in data)
     assert {k: data[3][k] for k in PAIRED} == {
         "time_ratio_vs_baseline": 0.52, "time_ratio_ci_low": 0.50, "time_ratio_ci_high": 0.55, "verdict_time": "faster",
         "energy_ratio_vs_baseline": 0.53, "energy_ratio_ci_low": 0.50, "energy_ratio_ci_high": 0.56,

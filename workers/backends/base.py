@@ -36,12 +36,17 @@ class Deployable(ABC):
     """A model prepared for one runtime, device and precision."""
 
     def __init__(self, *, runtime: str, runtime_version: str, precision: str, device: str, size_bytes: int,
-                 threads: ThreadSettings, settings: Mapping[str, Any] | None = None) -> None:
+                 threads: ThreadSettings, settings: Mapping[str, Any] | None = None,
+                 sparsity: Mapping[str, Any] | None = None) -> None:
         self.runtime, self.runtime_version = runtime, runtime_version
         self.precision, self.device = precision, device
         self.size_bytes = size_bytes  # what the deployable occupies on disk, as saved
         self.threads = threads
         self.settings = dict(settings or {})  # runtime options as applied (recorded, never guessed)
+        # What this runtime did with the artifact's n:m pattern (a workers.sparsity record:
+        # materialized on sparse kernels or not, and why), from a runtime that can run it;
+        # None: it runs whatever it got on dense kernels (the evaluation records that).
+        self.sparsity = dict(sparsity) if sparsity is not None else None
 
     @abstractmethod
     def run(self, images: torch.Tensor) -> torch.Tensor:

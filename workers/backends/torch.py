@@ -5,6 +5,12 @@ serialized weights (``manifest["size_bytes"]``). ``bf16`` / ``fp16`` run the fp3
 under ``torch.autocast`` (matmuls and convolutions in the low precision, reductions in
 fp32) and return fp32 logits. Threads: ``torch.set_num_threads``; the inter-op pool cannot
 be resized once torch ran parallel work, so it is recorded as torch reports it.
+
+An artifact whose chain made a 2:4 pattern (semi-structured pruning) runs on torch's
+semi-structured sparse kernels where they exist -- a CUDA GPU of compute capability 8.0 or
+newer, at fp16 / bf16 -- as a copy whose fitting layers hold sparse weights
+(:func:`workers.sparsity.materialize`; the artifact's module stays the dense reference);
+elsewhere on dense kernels. Either way the deployable's ``sparsity`` says which, and why.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from workers.backends.base import Backend, Deployable, ThreadSettings
+from workers.sparsity import materialize, plan_for
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU features that make bf16 / fp16 matmuls native (else oneDNN emulates them, slower than fp32).
@@ -67,6 +74,12 @@ class TorchBackend(Backend):
         torch.set_num_threads(threads.intra_op)
         applied = ThreadSettings(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads())
         settings = {"mode": "eager"} if precision not in _DTYPES else {"mode": "eager", "autocast": precision}
-        return TorchDeployable(model.to(device).eval(), runtime=self.name, runtime_version=self.version(),
+        model = model.to(device).eval()
+        record = None
+        plan = plan_for(model, manifest)
+        if plan is not None:
+            model, record = materialize(model, plan, device=device, precision=precision, example=example,
+                                        quantized=bool(manifest.get("quantized")))
+        return TorchDeployable(model, runtime=self.name, runtime_version=self.version(),
                                precision=precision, device=device, size_bytes=int(manifest["size_bytes"]),
-                               threads=applied, settings=settings)
+                               threads=applied, settings=settings, sparsity=record)

@@ -33,6 +33,8 @@ baseline, the deployable is checked against the torch model on the first batch: 
 deployable of a float model must agree within ``1e-4 + 1e-3 * max |logit|`` and on every
 top-1 (else the stage fails, naming the difference); reduced-precision and quantized
 deployables report their agreement. Accuracy is always counted on the runtime itself.
+A model whose chain made a 2:4 pattern records per evaluation whether this run
+materialized it on sparse kernels (``metrics["sparsity"]``, :mod:`workers.sparsity`).
 
 Inference runs under ``torch.no_grad()``, not ``torch.inference_mode()``: optimum-quanto's
 int4 kernels fail on inference tensors. Accuracy on the synthetic dataset is refused: it
@@ -83,6 +85,7 @@ class _Member:
     manifest: dict[str, Any] = field(default_factory=dict)
     deployable: Deployable | None = None
     checked: dict[str, Any] = field(default_factory=dict)
+    sparsity: dict[str, Any] | None = None  # how the run treated the model's n:m pattern (None: it has none)
     batches: list[Batch] = field(default_factory=list)
     top_k: int = 1
     correct: list[bool] = field(default_factory=list)  # top-1 per test sample, one unmeasured pass
@@ -190,6 +193,7 @@ def _prepare(members: list[_Member], env: WorkerEnv) -> None:
             m.batches, m.top_k = splits_by[key]
             m.deployable = _deploy(model, m.manifest, m.task, m.params, env, m.batches[0][0])
             m.checked = _check(model, m.manifest, m.deployable, m.batches[0][0])
+            m.sparsity = _sparsity(model, m.manifest, m.deployable)
         except Exception as e:  # noqa: BLE001 - this model's failure, reported as its stage's
             m.error = e
             if m.deployable is not None:
@@ -246,6 +250,8 @@ def _output(m: _Member, meter: Meter, reference: _Member | None, cohort_facts: d
                **_energy_metrics(repeats, meter), "runtime": cast(Deployable, m.deployable).describe(),
                "deployable_size_bytes": cast(Deployable, m.deployable).size_bytes, "agreement": m.checked,
                "correct_top1": pack_correct(m.correct)}
+    if m.sparsity is not None:
+        metrics["sparsity"] = m.sparsity
     if reference is not None and cohort_facts is not None:
         metrics["cohort"] = cohort_facts
         metrics["paired"] = _paired_metrics(m, reference, repeats)
@@ -361,6 +367,18 @@ def _check(model: nn.Module, manifest: dict[str, Any], deployable: Deployable, i
     # its own torch model (its float parent is not on this node).
     reference_name = "the float parent (torch fp32)" if fmt != "quanto" else "the quanto model (torch)"
     return {**found, "reference": reference_name}
+
+
+def _sparsity(model: nn.Module, manifest: dict[str, Any], deployable: Deployable) -> dict[str, Any] | None:
+    """What this evaluation ran of the model's n:m pattern (:mod:`workers.sparsity`): the
+    runtime's own record when it can run sparse kernels, else dense kernels on the zeros
+    (simulated); None when the chain made no such pattern."""
+    if deployable.sparsity is not None:
+        return deployable.sparsity
+    from workers.sparsity import plan_for
+
+    plan = plan_for(model, manifest)
+    return None if plan is None else plan.record(False, f"{deployable.runtime}: dense kernels")
 
 
 def _warm_up(model: Deployable, batches: list[Batch], min_batches: int, min_s: float, device: str) -> None:

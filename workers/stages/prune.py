@@ -19,6 +19,14 @@ is *materialized*. The classifier never loses outputs. Modes:
 - ``heads``: only whole heads are removed, ``round(ratio * num_heads)`` of them per
   attention module, at least one and never all. A model without attention is an error.
 
+``semi-structured`` makes the ``n:m`` pattern (2:4) in every eligible Linear: in each
+group of ``m`` consecutive weights along the input dimension the ``m - n`` smallest |w|
+are zeroed (:mod:`workers.sparsity`, where eligibility and the per-evaluation
+materialization live). The tensors stay dense, so the artifact is ``materialized=False``;
+whether an evaluation runs it on sparse kernels is recorded by that evaluation. ``mode``
+``all`` takes every eligible Linear but the classifier, ``keep-attention`` also leaves
+attention dense.
+
 Attention modules are recognised by shape rather than class: a module with a ``qkv``
 ``nn.Linear`` and an integer ``num_heads`` (timm's ``Attention``). After pruning, their
 ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` are updated so ``forward`` reshapes
@@ -29,7 +37,7 @@ scale from the tensor shape) and unfused paths agree.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -48,7 +56,9 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     forward for the dependency graph), not worth a device transfer. Metrics:
     ``unstructured`` -> ``sparsity`` (fraction of zeros over the pruned weights);
     ``structured`` -> ``params_before``/``params_after``, ``macs_before``/``macs_after``,
-    and for ``heads`` also ``heads_before``/``heads_after`` (summed over modules). The
+    and for ``heads`` also ``heads_before``/``heads_after`` (summed over modules);
+    ``semi-structured`` -> ``pattern``, ``sparsity`` (over the eligible weights),
+    ``sparse_layers`` and ``dense_layers`` (name and why). The
     energy is that of the pruning itself, not of loading or saving.
     """
     from workers.modelio import load_parent, save_child
@@ -62,7 +72,13 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     meter = make_meter("cpu")
     if params.method == "unstructured":
         meter.begin()
-        metrics: dict[str, Any] = {"sparsity": prune_unstructured(model, params.ratio)}
+        metrics: dict[str, Any] = {"sparsity": prune_unstructured(model, cast(float, params.ratio))}
+        energy = meter.end()
+    elif params.method == "semi-structured":
+        from workers.sparsity import prune_semi_structured
+
+        meter.begin()
+        metrics = prune_semi_structured(model, cast(int, params.n), cast(int, params.m), str(params.mode))
         energy = meter.end()
     else:
         before = {"params_before": count_params(model), "macs_before": count_macs(model, input_shape)}
@@ -101,6 +117,7 @@ def prune_structured(model: nn.Module, params: PruneParams, input_shape: tuple[i
     """
     import torch_pruning as tp
 
+    ratio = cast(float, params.ratio)  # the parameter model requires it for structured pruning
     attentions = _attention_modules(model)
     classifier = _classifier(model)
     ignored: list[nn.Module] = [classifier] if classifier is not None else []
@@ -123,7 +140,7 @@ def prune_structured(model: nn.Module, params: PruneParams, input_shape: tuple[i
         # from, and with prune_head_dims=False it takes whole heads and nothing else.
         ignored = [m for m in model.modules() if isinstance(m, _PRUNABLE) and m not in qkv]
         # torch-pruning removes ceil(r * num_heads) heads; r = (n - 0.5) / num_heads makes that exactly n.
-        head_ratios = {a.qkv: (_heads_to_remove(a.num_heads, params.ratio) - 0.5) / a.num_heads for a in attentions}
+        head_ratios = {a.qkv: (_heads_to_remove(a.num_heads, ratio) - 0.5) / a.num_heads for a in attentions}
         options = {"prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio_dict": head_ratios}
         metrics["heads_before"] = sum(a.num_heads for a in attentions)
     num_heads = {a.qkv: a.num_heads for a in attentions} if params.mode != "keep-attention" else {}
@@ -136,7 +153,7 @@ def prune_structured(model: nn.Module, params: PruneParams, input_shape: tuple[i
             model,
             example,
             importance=tp.importance.MagnitudeImportance(p=1 if params.importance == "l1" else 2),
-            pruning_ratio=params.ratio,
+            pruning_ratio=ratio,
             ignored_layers=ignored,
             num_heads=num_heads,
             # Fresh dicts: torch-pruning 1.6 mutates these arguments, and their defaults are shared module-level dicts.

@@ -104,26 +104,66 @@ class DistillParams(LoopParams):
         return v
 
 
+# The n:m patterns semi-structured pruning makes: the one torch's sparse kernels run (2:4).
+SEMI_STRUCTURED_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4),)
+
+
 class PruneParams(_Params):
     """``unstructured``: L1 magnitude masks made permanent (simulated: same dense FLOPs).
 
     ``structured``: torch-pruning DepGraph, physically removing channels/heads
-    (materialized). ``mode`` applies to structured pruning only:
+    (materialized). ``mode`` applies to structured (and semi-structured, below) pruning:
     ``all`` every prunable layer but the classifier; ``keep-attention`` leaves attention
     blocks and the classifier untouched (MLPs/convs only); ``heads`` removes whole
     attention heads.
+
+    ``semi-structured``: ``n:m`` sparsity (only 2:4, :data:`SEMI_STRUCTURED_PATTERNS`):
+    in every group of ``m`` consecutive weights along the input dimension of a Linear
+    layer the ``m - n`` smallest |w| are zeroed. ``mode`` ``all`` (default) takes every
+    eligible Linear but the classifier, ``keep-attention`` also leaves attention dense.
+    Its sparsity is ``1 - n/m``, so it takes no ``ratio``. The artifact is dense with the
+    pattern; whether an evaluation runs it on sparse kernels is recorded per evaluation
+    (:mod:`workers.sparsity`). ``n`` and ``m`` apply to this method only.
     """
 
-    method: Literal["unstructured", "structured"]
-    ratio: float = Field(gt=0, lt=1)
+    method: Literal["unstructured", "structured", "semi-structured"]
+    ratio: float | None = Field(None, gt=0, lt=1)
     mode: Literal["all", "keep-attention", "heads"] | None = None
     importance: Literal["l1", "l2"] = "l1"
+    n: int | None = Field(None, ge=1, le=64)
+    m: int | None = Field(None, ge=1, le=64)
 
     @model_validator(mode="after")
     def _mode_matches_method(self) -> "PruneParams":
+        if self.method == "semi-structured":
+            return self._semi_structured()
+        if self.n is not None or self.m is not None:
+            raise ValueError("'n' and 'm' apply to method semi-structured only; remove them or use "
+                             "method: semi-structured")
+        if self.ratio is None:
+            raise ValueError(f"'ratio' is required for method {self.method} (the share of weights to remove) "
+                             "-- add it, e.g. ratio: 0.5")
         if self.method == "unstructured" and self.mode is not None:
-            raise ValueError("'mode' applies to structured pruning only; remove it or use method: structured")
+            raise ValueError("'mode' applies to structured and semi-structured pruning only; remove it or use "
+                             "method: structured")
         if self.method == "structured" and self.mode is None:
+            object.__setattr__(self, "mode", "all")
+        return self
+
+    def _semi_structured(self) -> "PruneParams":
+        if self.ratio is not None:
+            raise ValueError("'ratio' does not apply to method semi-structured (its sparsity is set by n:m, "
+                             "2 of every 4 weights kept); remove it")
+        n, m = self.n if self.n is not None else 2, self.m if self.m is not None else 4
+        if (n, m) not in SEMI_STRUCTURED_PATTERNS:
+            supported = " or ".join(f"n: {a}, m: {b}" for a, b in SEMI_STRUCTURED_PATTERNS)
+            raise ValueError(f"unsupported pattern n:m {n}:{m}; use {supported}")
+        if self.mode == "heads":
+            raise ValueError("mode 'heads' applies to structured pruning; semi-structured takes mode all or "
+                             "keep-attention")
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+        if self.mode is None:
             object.__setattr__(self, "mode", "all")
         return self
 
@@ -398,8 +438,8 @@ def _ptq_sibling(params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return "quantize", {name: params[name] for name in ("engine", "weights", "activations")}
 
 
-def _unstructured(params: Mapping[str, Any]) -> bool:
-    return params.get("method") == "unstructured"
+def _zeros_are_compression(params: Mapping[str, Any]) -> bool:
+    return params.get("method") in ("unstructured", "semi-structured")
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
@@ -431,7 +471,8 @@ for _kind in (
     StageKind("train", TrainParams, "workers.stages.train:run", True, True, role="baseline", may_wait=True,
               default_duration_s=600.0, label="baseline training"),
     StageKind("prune", PruneParams, "workers.stages.prune:run", True, True, label="pruning",
-              keeps_zeros=_unstructured, curve_param="ratio"),
+              keeps_zeros=_zeros_are_compression, curve_param="ratio",
+              unkeyed_defaults=("ratio", "n", "m")),
     StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True, label="quantization",
               artifact_format=_quantize_format, unkeyed_defaults=("engine", "mode", "per_channel")),
     StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True, may_wait=True,
