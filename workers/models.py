@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,7 +337,11 @@ def _read_checkpoint(path: str, *, mmap: bool = False) -> dict[str, torch.Tensor
         except Exception as e:  # noqa: BLE001 - safetensors raises its own untyped errors
             raise ArtifactLoadError(f"checkpoint {path} is not a readable safetensors file: {first_line(e)}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of a file it then refuses; the refusal
+            # below is the one line the user needs
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ArtifactLoadError(
             f"checkpoint {path} is not weights-only (loading it would run code from the file), so it was refused; "
