@@ -1,7 +1,7 @@
 """The training loop shared by ``train``, ``finetune``, ``distill`` and ``qat``.
 
-One loop, so the stages differ only in their objective and where the model comes from. Its rules, which the reference study's code got wrong and a product must
-not:
+One loop, so the stages differ only in their objective and where the model comes from.
+Its rules, which the reference study's code got wrong and a product must not:
 
 - **Schedule, stepped once per epoch.** AdamW; epoch ``e`` (0-based) of ``E`` trains at
   :func:`lr_at_epoch`: ``warmup_epochs`` (W) linear warm-up epochs at ``lr * (e + 1) /

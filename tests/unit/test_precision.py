@@ -1,6 +1,6 @@
 """Mixed-precision training (``precision: fp32|bf16|fp16`` on the kinds that run the shared
 loop): stage keys, the loop under autocast on this CPU, the precision recorded, bitwise
-resume."""
+resume, placement on nodes whose own hardware runs it, and the run-start refusal."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.errors import SpecError
+from orchestrator import cluster
+from orchestrator.cluster import NodeInfo, require_needs, with_facts
+from orchestrator.errors import CapabilityError, ClusterError, SpecError
 from orchestrator.plan import Plan, build_plan, stage_key
+from orchestrator.plan import PlannedStage
+from orchestrator.pool.fake import FakeWorkerPool
+from orchestrator.scheduler import Slot, choose_slot, compatible, unmet
 from orchestrator.spec import parse_spec
+from tests.cli import run_cli
 from workers.checkpoints import checkpoint_dir
 from workers.data import load_dataset
 from workers.hardware import cpu_flags
@@ -255,3 +261,166 @@ def test_fp16_training_on_cuda_scales_the_loss_and_resumes_with_the_scalers_stat
     assert out.metrics["resumed_from_epoch"] == 1 and out.metrics["precision"] == "fp16"
     assert out.metrics["autocast"] == {"device_type": "cuda", "dtype": "float16", "grad_scaling": True}
     assert out.metrics["best_val_top1"] > 0.2
+
+
+# --------------------------------------------------------------------------- placement
+
+BF16_NO = "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)"
+
+
+def _node(name: str, *, bf16: bool | None, gpus: int = 0, node_type: str = "cpu-xeon",
+          region: str = "EU") -> NodeInfo:
+    """A node whose facts say whether its torch runs bf16 (None: facts not read)."""
+    node = NodeInfo(node_id=name.ljust(24, "0"), node_type=node_type, region=region, num_cpus=2, num_gpus=gpus,
+                    address="127.0.0.1")
+    if bf16 is None:
+        return node
+    torch_answers: dict[str, str | None] = {"fp32": None, "bf16": None if bf16 else BF16_NO}
+    if gpus:
+        torch_answers["fp16"] = None
+    return with_facts(node, {"precisions": {"torch": torch_answers}})
+
+
+def _stage(kind: str = "finetune", precision: str = "bf16", key: str = "k-ft") -> PlannedStage:
+    return PlannedStage(key=key, kind=kind, params={**FinetuneParams(precision=precision).model_dump()},
+                        parent_key=None, label=f"{kind}(precision={precision})")
+
+
+def test_a_node_knows_what_its_own_hardware_runs():
+    assert _node("a", bf16=True).cannot_run("torch", "bf16") is None
+    assert _node("b", bf16=False).cannot_run("torch", "bf16") == BF16_NO
+    assert "not fp16" in (_node("c", bf16=True).cannot_run("torch", "fp16") or "")  # a CPU node: torch's declaration
+    assert _node("g", bf16=True, gpus=1).cannot_run("torch", "fp16") is None
+    assert "did not report" in (_node("u", bf16=None).cannot_run("torch", "bf16") or "")  # unknown: refused
+
+
+def test_fifo_places_a_bf16_stage_only_on_a_node_that_runs_bf16():
+    without, with_bf16 = Slot(_node("a", bf16=False), None), Slot(_node("b", bf16=True), None)
+    assert choose_slot(_stage(), [without, with_bf16]) is with_bf16
+    assert choose_slot(_stage(precision="fp32"), [without, with_bf16]) is without  # fp32: the first, as always
+    assert choose_slot(_stage(), [without]) is None
+    assert unmet(_stage(), without.node) == f"bf16: {BF16_NO}"
+    gpu, cpu = Slot(_node("g", bf16=True, gpus=1), None), Slot(_node("c", bf16=True), None)
+    assert choose_slot(_stage(precision="fp16"), [cpu, gpu]) is gpu
+    assert choose_slot(_stage(precision="fp16"), [cpu]) is None
+    assert compatible(_stage(precision="fp16"), gpu.node) and not compatible(_stage(precision="fp16"), cpu.node)
+
+
+def test_the_carbon_placer_never_offers_a_bf16_stage_a_node_without_it():
+    from datetime import datetime, timezone
+
+    from orchestrator.catalog import load_catalog
+    from orchestrator.scheduler.online import CarbonPlacer, Estimates
+
+    t0 = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+
+    class Provider:
+        def series(self, region: str, start: datetime, end: datetime, step_s: float) -> list[float]:
+            n = int((end - start).total_seconds() // step_s) + 1
+            return [{"FR": 40.0, "DE": 400.0}[region]] * n
+
+    class OnePlan:
+        def __init__(self, *stages: PlannedStage) -> None:
+            self.stages = stages
+
+        def stage(self, key: str) -> PlannedStage:
+            return next(s for s in self.stages if s.key == key)
+
+    # two nodes of one type: the clean one's CPU lacks bf16
+    clean = Slot(_node("fr", bf16=False, region="FR"), None)
+    dirty = Slot(_node("de", bf16=True, region="DE"), None)
+    slots = [clean, dirty]
+    for stage, expected in ((_stage(precision="fp32", key="k-32"), clean), (_stage(key="k-bf"), dirty)):
+        placer = CarbonPlacer(policy="greedy-carbon", provider=Provider(), estimates=Estimates([], load_catalog()),
+                              clock=lambda: t0)
+        try:
+            ((placed, chosen, decision),) = placer.place([stage], slots, slots, {stage.key: "pending"},
+                                                         OnePlan(stage))
+        finally:
+            placer.close()
+        assert placed is stage and chosen is expected
+        assert decision["node_type"] == "cpu-xeon"  # the real node type is recorded, not the planner's group
+
+
+def test_the_coordinator_runs_a_bf16_stage_on_the_node_that_can(tmp_path: Path):
+    import uuid
+
+    from orchestrator.coordinator import Coordinator, RunOptions, coordinator_id
+    from orchestrator.store import Store
+    from workers.stages.registry import NoopParams, StageKind, register_kind, unregister_kind
+
+    # a kind whose stages need torch at bf16, running as a no-op: the coordinator's placement alone is tested
+    register_kind(StageKind("bf16_noop", NoopParams, "workers.stages.noop:run", produces_artifact=False,
+                            flexible=True, hidden=True, needs=lambda params: (("torch", "bf16"),)))
+    try:
+        root = stage_key("root", "fake", {"run": uuid.uuid4().hex})
+        stages = [PlannedStage(stage_key(root, "bf16_noop", {"index": i}), "bf16_noop", {"index": i}, None,
+                               f"bf16_noop({i})") for i in range(3)]
+        plan = Plan(root_key=root, stages=tuple(stages), points=(), naive_stage_count=3,
+                    _by_key={s.key: s for s in stages})
+        without, capable = _node("a", bf16=False), _node("b", bf16=True)
+        pool = FakeWorkerPool([without, capable])
+        spec = parse_spec("name: fake\nmodel: {arch: noop, pretrained: true}\ndataset: {name: synthetic}\n",
+                          check_arch=False)
+        with Store.open(f"sqlite:///{tmp_path / 'store.db'}") as store:
+            sweep_id = "sw-000000000bf1"
+            store.create_sweep(sweep_id=sweep_id, name="fake", spec_text=spec.source_text, spec_hash=spec.spec_hash,
+                               artifact_root=str(tmp_path), stages=[{"key": s.key, "kind": s.kind,
+                                                                     "params": dict(s.params), "parent_key": None,
+                                                                     "target": None} for s in stages],
+                               points=[], naive_stage_count=3, options=RunOptions().to_json())
+            store.take_sweep(sweep_id, coordinator_id(), stale_after_s=60.0)
+
+            class Quiet:
+                def __getattr__(self, name: str) -> Any:
+                    return lambda *args, **kwargs: None
+
+            outcome = Coordinator(store=store, spec=spec, plan=plan, sweep_id=sweep_id, artifact_root=str(tmp_path),
+                                  pool=pool, progress=Quiet()).run()
+        assert outcome.status == "succeeded"
+        assert {node_id for node_id, _ in pool.started} == {capable.node_id}
+    finally:
+        unregister_kind("bf16_noop")
+
+
+# --------------------------------------------------------------------------- run start
+
+
+def test_run_start_refuses_a_precision_no_live_node_runs_in_one_line():
+    plan = _plan(_spec(stages="{precision: bf16}"))
+    require_needs(plan, [_node("a", bf16=False), _node("b", bf16=True)])  # one node can: fine
+    with pytest.raises(CapabilityError) as e:
+        require_needs(plan, [_node("a", bf16=False)])
+    msg = str(e.value)
+    assert "finetune(precision=bf16) (and 2 more stage(s)): precision bf16 runs on no live node" in msg
+    assert BF16_NO in msg and "cpu-xeon node a00000000000" in msg
+    assert "use precision: fp32, or add a node with a CPU with AVX512-BF16 or AMX" in msg and "\n" not in msg
+    assert e.value.exit_code == 2 and isinstance(e.value, SpecError) and isinstance(e.value, ClusterError)
+    with pytest.raises(CapabilityError, match="precision fp16 runs on no live node .* add a node with a CUDA GPU"):
+        require_needs(_plan(_spec("{epochs: 1, precision: fp16}")), [_node("b", bf16=True)])
+    require_needs(_plan(_spec("{epochs: 1, precision: fp16}")), [_node("b", bf16=True), _node("g", bf16=True, gpus=1)])
+    require_needs(_plan(_spec()), [_node("u", bf16=None)])  # fp32 asks nothing of a node
+
+
+def test_run_with_bf16_where_no_node_runs_it_exits_2_before_anything_is_written(tmp_path: Path, monkeypatch,
+                                                                                capsys):
+    from orchestrator.pool import ray as ray_pool
+
+    local = NodeInfo(node_id="l" * 24, node_type="local", region="local", num_cpus=2, num_gpus=0,
+                     address="127.0.0.1")
+    no_bf16 = {"precisions": {"torch": {"fp32": None, "bf16": BF16_NO}}, "runtimes": {"torch": torch.__version__}}
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cluster, "discover_nodes", lambda: [local])
+    monkeypatch.setattr(cluster, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_pool, "RayWorkerPool",
+                        lambda nodes, cache_dir=None: FakeWorkerPool(nodes, facts={local.node_id: no_bf16}))
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(HEAD.replace("runtimes: [torch, openvino]", "runtimes: [torch]")
+                    + "train: {epochs: 1, precision: bf16}\n")
+    db = tmp_path / "store.db"
+    code, out, err = run_cli(["run", str(spec), "--db", f"sqlite:///{db}"], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: train(epochs=1, precision=bf16): precision bf16 runs on no")
+    assert BF16_NO in err and "use precision: fp32" in err and "Traceback" not in err
+    assert not db.exists() and not (tmp_path / ".greensweep").exists()
