@@ -77,8 +77,8 @@ if TYPE_CHECKING:
     from workers.modelio import ParentModel
 
 __all__ = [
-    "CrossEntropy",
     "Autocast",
+    "CrossEntropy",
     "FitResult",
     "Objective",
     "Student",
