@@ -9,6 +9,7 @@ Hardware facts come from the node itself (``workers.hardware``), not from labels
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from orchestrator.errors import ClusterError, UsageError, first_line
+from orchestrator.errors import CapabilityError, ClusterError, UsageError, first_line
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
@@ -44,6 +45,34 @@ class NodeInfo:
     num_gpus: int
     address: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    # What the node's own hardware facts say it runs: runtime -> precision -> why it
+    # cannot (None: it can), as its worker read them on its device
+    # (workers.hardware.runtime_precisions); None until they are read (with_facts).
+    precisions: Mapping[str, Mapping[str, str | None]] | None = None
+
+    def cannot_run(self, runtime: str, precision: str) -> str | None:
+        """Why this node cannot run *runtime* at *precision* -- the runtime's declaration
+        for the node's device kind, then the node's own answer (CPU features, the GPU);
+        None when it can. A node whose facts were not read cannot be shown to, so it is
+        refused."""
+        from workers.backends import get_backend
+
+        reason = get_backend(runtime).pairing(None, precision, device_kind(self))
+        if reason is not None:
+            return reason
+        if self.precisions is None:
+            return "it did not report which precisions it runs"
+        answers = self.precisions.get(runtime)
+        if answers is None:
+            return f"{runtime} is not installed there"
+        return answers.get(precision, f"{runtime} did not say whether it runs {precision} there")
+
+
+def with_facts(node: NodeInfo, facts: Mapping[str, Any] | None) -> NodeInfo:
+    """*node* knowing what its hardware *facts* (``WorkerPool.hardware()[node_id]``) say
+    it runs."""
+    precisions = (facts or {}).get("precisions")
+    return dataclasses.replace(node, precisions=precisions if isinstance(precisions, Mapping) else None)
 
 
 ADDRESS_PROBE_TIMEOUT_S = 5.0
@@ -463,8 +492,46 @@ def require_runtimes(plan: Any, nodes: list[NodeInfo], facts: Mapping[str, Mappi
                 checked = (facts.get(node.node_id, {}).get("precisions") or {}).get(runtime) or {}
                 reason = checked.get(precision)
             if reason is not None:
-                raise ClusterError(f"evaluate.precision: {reason} ({target} node {node.node_id[:12]}) -- remove "
-                                   f"{precision} or the target")
+                raise CapabilityError(f"evaluate.precision: {reason} ({target} node {node.node_id[:12]}) -- remove "
+                                      f"{precision} or the target")
+
+
+def require_needs(plan: Any, nodes: list[NodeInfo]) -> None:
+    """Fail before any work starts when a stage needs what no live node it may run on
+    can give (its kind's ``needs``: a training stage at bf16 needs a node whose CPU has
+    AVX512-BF16 or AMX or whose GPU has bf16), with one line naming the stage, what it
+    needs, why the nodes cannot and the fix. *nodes* carry their facts (:func:`with_facts`);
+    for a local run that is this machine."""
+    from workers.backends import get_backend
+    from workers.stages.registry import get_kind, stage_label
+
+    unmet: dict[tuple[str, str], list[Any]] = {}  # (runtime, precision) -> stages needing it, in plan order
+    why: dict[tuple[str, str], dict[str, list[NodeInfo]]] = {}
+    for stage in plan.stages:
+        kind = get_kind(stage.kind)
+        places = nodes if kind.flexible else [n for n in nodes if n.node_type == stage.target]
+        for need in kind.needs(stage.params):
+            reasons = {n.node_id: n.cannot_run(*need) for n in places}
+            if places and any(r is None for r in reasons.values()):
+                continue
+            unmet.setdefault(need, []).append(stage)
+            for n in places:
+                why.setdefault(need, {}).setdefault(str(reasons[n.node_id]), []).append(n)
+    if not unmet:
+        return
+    (runtime, precision), stages = next(iter(unmet.items()))
+    more = f" (and {len(stages) - 1} more stage(s))" if len(stages) > 1 else ""
+    because = "; ".join(f"{reason} ({_node_names(group)})"
+                        for reason, group in why.get((runtime, precision), {}).items()) or "no node may run it"
+    raise CapabilityError(
+        f"{stage_label(stages[0].kind, stages[0].params)}{more}: precision {precision} runs on no live node -- "
+        f"{because}; use precision: fp32, or add a node with {get_backend(runtime).hardware_for(precision)}"
+    )
+
+
+def _node_names(nodes: list[NodeInfo], shown: int = 3) -> str:
+    names = [f"{n.node_type} node {n.node_id[:12]}" for n in nodes[:shown]]
+    return ", ".join(names) + (f" and {len(nodes) - shown} more" if len(nodes) > shown else "")
 
 
 def device_kind(node: NodeInfo) -> str:

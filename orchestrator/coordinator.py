@@ -39,7 +39,7 @@ from orchestrator.gate import decide, not_needed
 from orchestrator.plan import Plan, PlannedStage
 from orchestrator.pool import Completion
 from orchestrator.pool import WorkerPool as Pool
-from orchestrator.scheduler import Slot, choose_slot, compatible
+from orchestrator.scheduler import Slot, choose_slot, compatible, unmet
 from orchestrator.spec import SweepSpec
 from workers.artifacts import read_manifest, verified_manifest
 from workers.stages.registry import get_kind
@@ -693,6 +693,8 @@ class Coordinator:
             lost = sorted({n.node_id[:12] for n in self.pool.lost_nodes if compatible(s, n)})
             gone = f" (node(s) {', '.join(lost)} left the cluster)" if lost else ""
             what = f"node type {s.target!r}" if s.target else "any node type"
+            if s.target is None and self.pool.slots:  # live nodes lack what it needs (a precision): say why
+                gone += f" ({'; '.join(sorted({str(unmet(s, sl.node)) for sl in self.pool.slots}))})"
             err = f"no live node of {what} is left to run this stage{gone} -- add such a node and run: " \
                   f"greensweep resume {self.sweep_id}"
             self._set(s.key, "failed")

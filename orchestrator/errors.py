@@ -55,6 +55,15 @@ class ArtifactError(GreensweepError):
     exit_code = 6
 
 
+class CapabilityError(SpecError, ClusterError):
+    """The spec asks for what no live node can run (e.g. bf16 training where no CPU has
+    AVX512-BF16 or AMX and no GPU has bf16): bad input for this cluster, found before
+    anything ran or was written. A spec error (exit 2, the fix is in the spec or the
+    nodes) that is also a cluster one for code catching those."""
+
+    exit_code = 2
+
+
 class StageFailedError(GreensweepError):
     """Raised inside a worker; carried back as a failed StageResult."""
 

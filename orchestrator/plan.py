@@ -215,7 +215,8 @@ def build_plan(spec: SweepSpec) -> Plan:
     train_key: str | None = None
     if spec.train is not None:
         kind = kind_with_role("baseline").name
-        train = PlannedStage(stage_key(rkey, kind, spec.train), kind, dict(spec.train), None, kind,
+        material = get_kind(kind).key_material(spec.train, StageInputs())  # params less unkeyed defaults
+        train = PlannedStage(stage_key(rkey, kind, material), kind, dict(spec.train), None, kind,
                              inputs=root_inputs)
         add(train)
         base_chain.append(train)

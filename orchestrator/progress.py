@@ -80,7 +80,8 @@ def _summary(kind: str, m: Mapping[str, Any]) -> str:
         return f"top1 {100 * m['top1']:.1f}%  {1e3 * m.get('time_per_sample_s', 0):.3f} ms/sample"
     if m.get("best_val_top1") is not None:
         before = f"{100 * m['initial_val_top1']:.1f}% -> " if m.get("initial_val_top1") is not None else ""
-        return f"val top1 {before}{100 * m['best_val_top1']:.1f}% (best epoch {m.get('best_epoch')})"
+        mixed = f", {m['precision']}" if m.get("precision") not in (None, "fp32") else ""  # the loop's autocast
+        return f"val top1 {before}{100 * m['best_val_top1']:.1f}% (best epoch {m.get('best_epoch')}{mixed})"
     if "params_after" in m:
         return f"params {m['params_before']:,} -> {m['params_after']:,}"
     if "sparsity" in m:

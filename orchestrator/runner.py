@@ -1,11 +1,13 @@
 """The run lifecycle of a sweep, callable from Python as from the CLI.
 
 ``greensweep run`` / ``resume`` are thin shells over this module: it connects to Ray (or
-starts the local / simulated one), checks the nodes against the spec, opens the store
-only once those check out (a bad ``--cluster`` or ``--address`` leaves no new store
-behind), records the nodes, creates the sweep or takes over an existing one, builds
-the resume state, drives the :class:`~orchestrator.coordinator.Coordinator` and shuts
-everything it started down again. No click here: what a user should read goes through
+starts the local / simulated one), checks the nodes against the spec (node types,
+runtimes, the precisions each node's own hardware runs), opens the store only once
+those check out (a bad ``--cluster`` or ``--address``, or a precision no node runs,
+leaves no new store behind), records the nodes, creates the sweep or takes over an
+existing one, builds the resume state, drives the
+:class:`~orchestrator.coordinator.Coordinator` and shuts everything it started down
+again. No click here: what a user should read goes through
 a :class:`Reporter` (the CLI prints it; Python callers get :class:`QuietReporter`, which
 logs). Errors are the project's own (:mod:`orchestrator.errors`), which the CLI maps to
 exit codes::
@@ -211,11 +213,13 @@ def execute(spec: Any, plan: Any, store: Any, *, db_url: str, address: str | Non
         cluster.require_targets(nodes, spec.evaluate.targets)
         if carbon is not None:
             _check_node_regions(carbon, nodes, reporter)
-        if callable(store):
-            store = store()
         pool = RayWorkerPool(nodes, cache_dir=node_cache_dir() if options.transfer == "object-store" else None)
         hardware = pool.hardware()
         cluster.require_runtimes(plan, nodes, hardware)
+        pool.learn(hardware)  # what each node's own hardware runs: placement and the check below
+        cluster.require_needs(plan, [slot.node for slot in pool.slots])
+        if callable(store):  # only once the nodes can run the sweep: a refused one leaves no new store
+            store = store()
         for node_id, facts in hardware.items():
             node = next(n for n in nodes if n.node_id == node_id)
             store.upsert_node(node_id, node.node_type, node.region, facts.get("hostname"), facts)

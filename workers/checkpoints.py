@@ -105,7 +105,8 @@ class CheckpointStore:
     - ``rng.safetensors`` -- torch's CPU RNG, each CUDA device's, and the loop's
       shuffle/augmentation generator;
     - ``state.json`` -- the fingerprint, completed epochs, history, best epoch and
-      accuracy, per-epoch energy readings, the optimizer index.
+      accuracy, per-epoch energy readings, the optimizer index and, for fp16 training,
+      the gradient scaler's state (its scale and growth tracker: plain numbers).
 
     A directory is written under a temporary name and renamed into place, so the newest
     ``epoch-*`` directory is always complete; older ones are removed after the rename.
@@ -118,7 +119,8 @@ class CheckpointStore:
         self._last_best_epoch = 0
 
     def load(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Progress | None:
         """Restore the newest checkpoint into the arguments; None (and no change) when
         there is none, or when it belongs to another stage or layout (it is discarded)."""
@@ -147,6 +149,8 @@ class CheckpointStore:
         if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
             torch.cuda.set_rng_state_all(cuda_states)
         generator.set_state(rng["generator"])
+        if scaler is not None and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         self._last, self._last_best_epoch = latest, int(state["best_epoch"])
         return Progress(
             epoch=int(state["epoch"]),
@@ -158,7 +162,8 @@ class CheckpointStore:
         )
 
     def save(
-        self, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+        self, progress: Progress, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         """Write the checkpoint of ``progress.epoch`` and drop the older ones."""
         assert progress.best_state is not None
@@ -184,6 +189,7 @@ class CheckpointStore:
                 "energy": [reading.to_dict() for reading in progress.energy],
                 "optimizer": optimizer_index,
                 "cuda_devices": len(cuda_states),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
             }
             write_durably(tmp / _STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
             os.rename(tmp, final)

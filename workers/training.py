@@ -1,8 +1,7 @@
-"""The training loop shared by ``train``, ``finetune`` and ``distill``.
+"""The training loop shared by ``train``, ``finetune``, ``distill`` and ``qat``.
 
-One loop, so the three stages differ only in their objective and where the model
-comes from. Its rules, which the reference study's code got wrong and a product must
-not:
+One loop, so the stages differ only in their objective and where the model comes from.
+Its rules, which the reference study's code got wrong and a product must not:
 
 - **Schedule, stepped once per epoch.** AdamW; epoch ``e`` (0-based) of ``E`` trains at
   :func:`lr_at_epoch`: ``warmup_epochs`` (W) linear warm-up epochs at ``lr * (e + 1) /
@@ -30,8 +29,13 @@ not:
   one optimizer step; each micro-batch's mean loss is weighted by its share of the
   step's samples, so the gradient equals that of one batch of all of them (a short last
   step included).
-- **bf16 autocast** on CUDA when ``amp`` is on (no loss scaling is needed for bf16);
-  elsewhere ``amp`` has no effect, so CPU results stay exact.
+- **Mixed precision** (``precision``, :func:`loop_autocast`): the forward passes of
+  training and validation run under ``torch.autocast`` -- ``bf16`` on the CPU or CUDA,
+  ``fp16`` on CUDA only, with a ``torch.amp.GradScaler`` scaling the loss (its state is
+  checkpointed, so a resumed run scales as an unbroken one) -- while the weights, their
+  gradients and the optimizer state stay fp32. At ``precision: fp32``, ``amp`` keeps its
+  meaning: bf16 autocast on CUDA (no loss scaling is needed for bf16), no effect
+  elsewhere, so CPU results stay exact. The precision used is in the metrics.
 - **Augmentation** (``flip-crop``: random horizontal flip, then a random crop of the
   image zero-padded by 1/8 of its side -- zero is the normalized mean) runs on the
   native-resolution batch before it is resized to the model's input.
@@ -73,6 +77,7 @@ if TYPE_CHECKING:
     from workers.modelio import ParentModel
 
 __all__ = [
+    "Autocast",
     "CrossEntropy",
     "FitResult",
     "Objective",
@@ -82,6 +87,7 @@ __all__ = [
     "flip_crop",
     "keep_zero_masks",
     "load_student",
+    "loop_autocast",
     "lr_at_epoch",
     "model_input_shape",
     "predict_logits",
@@ -195,6 +201,61 @@ def flip_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[batch, :, rows.view(count, height, 1), cols.view(count, 1, width)].permute(0, 3, 1, 2).contiguous()
 
 
+# --------------------------------------------------------------------------- mixed precision
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Autocast:
+    """The precision of the loop's forward passes on one device type: ``dtype`` None is
+    plain fp32. Weights, gradients and optimizer state are fp32 whatever it is; fp16 also
+    scales the loss (:attr:`grad_scaling`), since its gradients underflow otherwise."""
+
+    device_type: str
+    dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: what the forward passes ran at."""
+        return next((name for name, dtype in _AUTOCAST_DTYPES.items() if dtype == self.dtype), "fp32")
+
+    @property
+    def grad_scaling(self) -> bool:
+        return self.dtype == torch.float16
+
+    def __call__(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype or torch.bfloat16,
+                              enabled=self.dtype is not None)
+
+    def describe(self) -> dict[str, Any]:
+        """For the stage metrics: the precision used and how (``autocast`` None: none)."""
+        autocast = None if self.dtype is None else {
+            "device_type": self.device_type, "dtype": str(self.dtype).removeprefix("torch."),
+            "grad_scaling": self.grad_scaling,
+        }
+        return {"precision": self.precision, "autocast": autocast}
+
+
+def loop_autocast(params: LoopParams, device: torch.device) -> Autocast:
+    """The autocast of a loop with *params* on *device*: ``precision`` bf16 or fp16 as
+    asked; at fp32, bf16 on CUDA when ``amp`` is on, else none.
+
+    Raises ValueError for fp16 on a device that is not CUDA (placement and the run start
+    keep such a stage off CPU-only nodes, so this is the last guard, not the check)."""
+    if params.precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 trains on CUDA GPUs only (this stage runs on {device}) -- "
+                         "use precision: bf16 or fp32, or run it on a GPU node")
+    if params.precision != "fp32":
+        return Autocast(device.type, _AUTOCAST_DTYPES[params.precision])
+    return Autocast(device.type, torch.bfloat16 if params.amp and device.type == "cuda" else None)
+
+
+def _grad_scaler(autocast: Autocast) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(autocast.device_type) if autocast.grad_scaling else None
+
+
 # --------------------------------------------------------------------------- evaluation helpers
 
 
@@ -205,16 +266,17 @@ def predict_logits(
     input_shape: Sequence[int],
     batch_size: int,
     device: torch.device,
-    amp: bool,
+    autocast: Autocast | None = None,
 ) -> torch.Tensor:
     """``model``'s float32 logits for ``images`` (adapted per batch to ``input_shape``),
-    on ``device``, in eval mode and without gradients."""
+    on ``device``, in eval mode and without gradients, under ``autocast`` (None: fp32)."""
+    autocast = autocast or Autocast(device.type)
     model.eval()
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = adapt_images(images[start : start + batch_size].to(device), input_shape)
-            with _autocast(device, amp):
+            with autocast():
                 outputs.append(model(batch).float())
     return torch.cat(outputs)
 
@@ -227,10 +289,11 @@ def top1(
     input_shape: Sequence[int],
     batch_size: int,
     device: torch.device,
-    amp: bool,
+    autocast: Autocast | None = None,
 ) -> float:
     """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on in-memory images."""
-    logits = predict_logits(model, images, input_shape=input_shape, batch_size=batch_size, device=device, amp=amp)
+    logits = predict_logits(model, images, input_shape=input_shape, batch_size=batch_size, device=device,
+                            autocast=autocast)
     return int((logits.argmax(dim=1) == labels.to(device)).sum()) / len(labels)
 
 
@@ -267,6 +330,7 @@ class FitResult:
     epoch_energy: list[EnergyReading]
     epochs: int  # planned
     resumed_from_epoch: int  # 0: started fresh
+    autocast: Autocast  # the precision the forward passes ran at
 
     @property
     def stopped_early(self) -> bool:
@@ -282,6 +346,7 @@ class FitResult:
             "best_epoch": self.best_epoch,
             "best_val_top1": self.best_val_top1,
             "history": self.history,
+            **self.autocast.describe(),
         }
 
 
@@ -305,13 +370,14 @@ def fit(
     load ``best_state`` into it for the result.
     """
     device = torch.device(env.device)
-    amp = params.amp and device.type == "cuda"
+    autocast = loop_autocast(params, device)
     model.to(device)
     keep_masks = [(param, keep.to(device)) for param, keep in keep_masks]
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scaler = _grad_scaler(autocast)
     generator = torch.Generator()
     store = CheckpointStore(checkpoint_dir(task), fingerprint(task))
-    progress = store.load(model, optimizer, generator)
+    progress = store.load(model, optimizer, generator, scaler)
     resumed_from = progress.epoch if progress is not None else 0
     if progress is None:
         progress = Progress()
@@ -330,10 +396,11 @@ def fit(
         meter.begin()
         train_loss = _train_one_epoch(
             model, train_images, train_labels, params, objective, optimizer, generator,
-            input_shape=input_shape, device=device, amp=amp, keep_masks=keep_masks,
+            input_shape=input_shape, device=device, autocast=autocast, scaler=scaler, keep_masks=keep_masks,
         )
         val_top1 = top1(
-            model, val_images, val_labels, input_shape=input_shape, batch_size=params.batch_size, device=device, amp=amp
+            model, val_images, val_labels, input_shape=input_shape, batch_size=params.batch_size, device=device,
+            autocast=autocast,
         )
         reading = meter.end()
 
@@ -352,7 +419,7 @@ def fit(
                 "energy_j": reading.total_energy_j,
             }
         )
-        store.save(progress, model, optimizer, generator)
+        store.save(progress, model, optimizer, generator, scaler)
         if env.report_progress is not None:
             env.report_progress(
                 {
@@ -375,6 +442,7 @@ def fit(
         epoch_energy=progress.energy,
         epochs=params.epochs,
         resumed_from_epoch=resumed_from,
+        autocast=autocast,
     )
 
 
@@ -389,10 +457,13 @@ def _train_one_epoch(
     *,
     input_shape: Sequence[int],
     device: torch.device,
-    amp: bool,
+    autocast: Autocast,
+    scaler: torch.amp.GradScaler | None,
     keep_masks: Sequence[tuple[nn.Parameter, torch.Tensor]],
 ) -> float:
-    """One shuffled pass; returns the sample-weighted mean training loss."""
+    """One shuffled pass; returns the sample-weighted mean training loss. With a
+    *scaler* (fp16) each micro-batch's loss is scaled before its backward pass and the
+    step is the scaler's (skipped when the scaled gradients overflowed)."""
     model.train()
     micro_batches = torch.randperm(len(labels), generator=generator).split(params.batch_size)
     loss_sum = torch.zeros((), device=device)
@@ -405,21 +476,22 @@ def _train_one_epoch(
             batch_labels = labels[idx].to(device)
             if params.augment == "flip-crop":
                 batch = flip_crop(batch, generator)
-            with _autocast(device, amp):
+            with autocast():
                 logits = model(adapt_images(batch, input_shape))
             loss = objective(logits, batch_labels, idx, batch)
-            (loss * (len(idx) / step_samples)).backward()
+            weighted = loss * (len(idx) / step_samples)
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
             loss_sum += loss.detach() * len(idx)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if keep_masks:
             with torch.no_grad():
                 for param, keep in keep_masks:
                     param.mul_(keep)
     return float(loss_sum) / len(labels)
-
-
-def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
 
 # --------------------------------------------------------------------------- retraining a parent
@@ -479,7 +551,7 @@ def retrain_student(
     val_images, val_labels = student.splits.val.tensors
     initial_val_top1 = top1(
         model, val_images, val_labels, input_shape=shape, batch_size=params.batch_size, device=device,
-        amp=params.amp and device.type == "cuda",
+        autocast=loop_autocast(params, device),
     )
     result = fit(
         model, student.splits, params, objective=objective, input_shape=shape, task=task, env=env,

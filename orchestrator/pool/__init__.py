@@ -23,7 +23,7 @@ writes to the store and never retries: the coordinator decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Protocol, Sequence
+from typing import Any, Hashable, Mapping, Protocol, Sequence
 
 from orchestrator.cluster import NodeInfo
 from orchestrator.scheduler import Slot
@@ -56,6 +56,14 @@ class SlotBook:
         if slot in self.slots:
             self.slots.remove(slot)
             self.lost_nodes.append(slot.node)
+
+    def learn(self, facts: Mapping[str, Mapping[str, Any]]) -> None:
+        """Give each slot's node what its own hardware *facts* (:meth:`WorkerPool.hardware`)
+        say it runs, so placement never chooses a node that cannot run a stage."""
+        from orchestrator.cluster import with_facts
+
+        for slot in self.slots:
+            slot.node = with_facts(slot.node, facts.get(slot.node.node_id))
 
 
 class WorkerPool(Protocol):

@@ -27,7 +27,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from orchestrator.cluster import NodeInfo
 from orchestrator.pool import Completion, Shipment, SlotBook
@@ -94,13 +94,17 @@ class FakeWorkerPool(SlotBook):
 
     *script* (default: every stage succeeds at once) decides each stage's step when it
     starts. *restart_ok* False makes every restart fail, as on a node that is going away.
+    *facts* adds hardware facts per node id to what :meth:`hardware` says (e.g. a node's
+    ``precisions``, as ``workers.hardware.runtime_precisions`` reads them on a real one).
     """
 
-    def __init__(self, nodes: Sequence[NodeInfo], script: Script | None = None, *, restart_ok: bool = True) -> None:
+    def __init__(self, nodes: Sequence[NodeInfo], script: Script | None = None, *, restart_ok: bool = True,
+                 facts: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.slots: list[Slot] = [Slot(node=n, handle=0) for n in nodes]  # handle: the worker's generation
         self.lost_nodes: list[NodeInfo] = []
         self.script: Script = script or (lambda task, node, attempt: None)
         self.restart_ok = restart_ok
+        self.facts = dict(facts or {})
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self.started: list[tuple[str, str]] = []  # (node id, stage key) as each stage starts
         self.depths: list[int] = []  # calls on the slot's worker right after each submission
@@ -142,7 +146,8 @@ class FakeWorkerPool(SlotBook):
 
     def hardware(self) -> dict[str, dict[str, Any]]:
         return {s.node.node_id: {"hostname": f"fake-{s.node.node_id[:8]}", "cpu_model": "fake CPU",
-                                 "gpus": [], "num_cpus": s.node.num_cpus} for s in self.slots}
+                                 "gpus": [], "num_cpus": s.node.num_cpus, **self.facts.get(s.node.node_id, {})}
+                for s in self.slots}
 
     def submit(self, slot: Slot, tasks: Sequence[StageTask], shipment: Shipment = ((), ())) -> Hashable:
         if not tasks:

@@ -6,6 +6,8 @@ cluster. Rules (DESIGN.md, data flow step 5):
 
 - pinned kinds (``evaluate``) run only on a node of their target node type;
 - flexible kinds run on any node, GPU nodes first (training is faster there);
+- a stage whose kind declares ``needs`` (a training stage at bf16 / fp16) runs only on a
+  node whose own hardware facts say it can (:meth:`NodeInfo.cannot_run`);
 - among equals, the first in the stable slot order wins.
 
 Carbon-aware choice of node and start time: :mod:`orchestrator.scheduler.online`.
@@ -30,10 +32,21 @@ class Slot:
     busy_keys: list[str] = field(default_factory=list)
 
 
+def unmet(stage: Any, node: NodeInfo) -> str | None:
+    """Why *stage* may not run on *node* (its target is another node type, or the node
+    cannot give what the stage needs); None when it may."""
+    kind = get_kind(stage.kind)
+    if not kind.flexible and node.node_type != stage.target:
+        return f"it runs on {stage.target} nodes only"
+    for runtime, precision in kind.needs(stage.params):
+        reason = node.cannot_run(runtime, precision)
+        if reason is not None:
+            return f"{precision}: {reason}"
+    return None
+
+
 def compatible(stage: Any, node: NodeInfo) -> bool:
-    if get_kind(stage.kind).flexible:
-        return True
-    return node.node_type == stage.target
+    return unmet(stage, node) is None
 
 
 def choose_slot(stage: Any, free: Sequence[Slot], load: Mapping[int, int] | None = None) -> Slot | None:

@@ -202,7 +202,7 @@ class CarbonPlacer:
         horizon = at + HORIZON_S
         if self.deadline is not None:
             horizon = max(horizon, (self.deadline - origin).total_seconds())
-        node_types = {s.node.node_type for s in slots}
+        groups = _placement_groups(stages, slots)
         nodes, types = [], {}
         left_s: dict[str, float] = {}  # expected time left of each running stage
         for s in slots:
@@ -211,18 +211,19 @@ class CarbonPlacer:
                 since = self._running_since.get(k, now)
                 left_s[k] = max(1.0, exp - (now - since).total_seconds())
         for s in slots:
-            est_power = self.estimates.get("train", s.node.node_type).power_w
-            types.setdefault(s.node.node_type, {"power_w": est_power})
-            node: dict[str, Any] = {"id": s.node.node_id, "node_type": s.node.node_type,
+            group = groups[s.node.node_id]
+            types.setdefault(group, {"power_w": self.estimates.get("train", s.node.node_type).power_w})
+            node: dict[str, Any] = {"id": s.node.node_id, "node_type": group,
                                     "region": s.node.region or "", "slots": 1}
             if s.busy_keys:
                 node["busy_until_s"] = at + sum(left_s[k] for k in s.busy_keys)
             nodes.append(node)
         pending = {s.key for s in stages}
+        members = {groups[s.node.node_id]: s.node for s in slots}  # each group and one of its nodes
         tasks = []
         for st in stages:
-            durations = {nt: self.estimates.get(st.kind, nt).duration_s
-                         for nt in node_types if compatible(st, _TypeOnly(nt))}
+            durations = {group: self.estimates.get(st.kind, node.node_type).duration_s
+                         for group, node in members.items() if compatible(st, node)}
             if not durations:
                 continue
             task: dict[str, Any] = {"id": st.key, "durations_s": durations,
@@ -372,11 +373,21 @@ class CarbonPlacer:
         }
 
 
-@dataclass(frozen=True)
-class _TypeOnly:
-    """A stand-in node for :func:`compatible`, which only reads ``node_type``."""
-
-    node_type: str
+def _placement_groups(stages: list[Any], slots: list[Slot]) -> dict[str, str]:
+    """Node id -> the node type the planning instance gives it: its own, followed by
+    what the node lacks of what *stages* need (``cpu-xeon without torch bf16``), so two
+    nodes of one type whose hardware differs (one CPU has bf16, the other not) land in
+    different instance types. Nodes of one instance type are then alike for every
+    stage: a task's durations never offer it a node that cannot run it. Estimates stay
+    per real node type."""
+    asked = sorted({need for st in stages if (kind := find_kind(st.kind)) is not None
+                    for need in kind.needs(st.params)})
+    out = {}
+    for s in slots:
+        lacks = [f"{runtime} {precision}" for runtime, precision in asked
+                 if s.node.cannot_run(runtime, precision) is not None]
+        out[s.node.node_id] = s.node.node_type + (f" without {', '.join(lacks)}" if lacks else "")
+    return out
 
 
 def policy_for(spec: Any) -> str:

@@ -100,6 +100,18 @@ def test_non_terminal_stream_gets_plain_lines_for_every_event():
     assert not ANSI.search(out.getvalue())
 
 
+def test_a_mixed_precision_training_says_its_precision_when_done():
+    out = io.StringIO()
+    p = make_progress(PLAN, stream=out)
+    p.stage_finished(BY_KEY["k-train"], ok("k-train", 2.0, best_val_top1=0.9, best_epoch=4, precision="bf16"), 1, 6)
+    p.stage_finished(BY_KEY["k-train"], ok("k-train", 2.0, best_val_top1=0.9, best_epoch=4, precision="fp32"), 1, 6)
+    p.close()
+    assert out.getvalue().splitlines() == [
+        "[  1/  6] done    train(epochs=5)  2.0s  val top1 90.0% (best epoch 4, bf16)",
+        "[  1/  6] done    train(epochs=5)  2.0s  val top1 90.0% (best epoch 4)",
+    ]
+
+
 def test_auto_mode_picks_the_display_from_the_stream(monkeypatch):
     monkeypatch.setenv("TERM", "xterm-256color")
     assert is_interactive(TTY()) and not is_interactive(io.StringIO())

@@ -6,6 +6,7 @@ killed epoch, and what the planner pairs a qat chain with."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from orchestrator.errors import SpecError
 from orchestrator.plan import build_plan
 from orchestrator.spec import parse_spec
 from workers.artifacts import verified_manifest
+from workers.hardware import cpu_flags
 from workers.modelio import save_artifact
 from workers.models import build_model
 from workers.stages import qat
@@ -180,3 +182,19 @@ def test_qat_spec_errors_name_the_problem(stages: str, message: str):
     with pytest.raises(SpecError) as e:
         _plan(stages)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+
+@pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & cpu_flags(),
+                    reason="this CPU has neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo: bf16 training is refused")
+def test_qat_trains_its_fake_quantizers_under_bf16_autocast(root: str):
+    if verified_manifest(root, "qat-a") is None:
+        qat.run(_task(root, "qat-a"), ENV)
+    metrics = qat.run(_task(root, "qat-bf16", precision="bf16"), ENV).metrics
+    assert metrics["precision"] == "bf16" and metrics["autocast"]["dtype"] == "bfloat16"
+    assert all(math.isfinite(h["train_loss"]) for h in metrics["history"]) and 0 <= metrics["best_val_top1"] <= 1
+    assert 'type="FakeQuantize"' in (Path(root) / "qat-bf16" / "model.xml").read_text()
+    trained = load_file(str(Path(root) / "qat-bf16" / "weights.safetensors"))
+    assert {t.dtype for t in trained.values()} == {torch.float32}  # fp32 weights, trained under bf16
+    fp32 = load_file(str(Path(root) / "qat-a" / "weights.safetensors"))
+    assert any(not torch.equal(trained[k], fp32[k]) for k in fp32)  # bf16 changed what trained

@@ -280,7 +280,7 @@ def test_defaults_are_filled():
     assert spec.train == TrainParams().model_dump(mode="json")
     assert spec.train == {"epochs": 30, "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64,
                           "val_fraction": 0.1, "label_smoothing": 0.0, "warmup_epochs": 0, "augment": "none",
-                          "accumulate_steps": 1, "patience": None, "amp": True}
+                          "accumulate_steps": 1, "patience": None, "amp": True, "precision": "fp32"}
     assert dict(spec.model.kwargs) == {} and spec.model.pretrained is False
     assert spec.pipelines == ()
     assert spec.evaluate.targets == ("local",) and spec.evaluate.baseline is True and spec.evaluate.cohort_size == 8

@@ -61,8 +61,11 @@ def test_a_checkpoint_teacher_is_declared_as_a_file_the_stage_reads(tmp_path: Pa
     plan = build_plan(_spec(tmp_path, teacher="checkpoint:teacher.safetensors"))
     distill = next(s for s in plan.stages if s.kind == "distill")
     assert distill.inputs == StageInputs(files=((path, sha),))
-    # the key is what it was before the declaration existed: params plus the file's digest
-    assert distill.key == stage_key(distill.parent_key, "distill", {**distill.params, "teacher_sha256": sha})
+    # the key is what it was before the declaration existed: params (less precision, keyed only
+    # when it is not fp32) plus the file's digest
+    before = {k: v for k, v in distill.params.items() if k != "precision"}
+    assert distill.params["precision"] == "fp32"
+    assert distill.key == stage_key(distill.parent_key, "distill", {**before, "teacher_sha256": sha})
     # and the params the worker validates carry no digest (its parameter model forbids extras)
     assert "teacher_sha256" not in distill.params
     get_kind("distill").params.model_validate(dict(distill.params))

@@ -42,6 +42,9 @@ class BackendSpec:
     label: str = ""  # for people: "ONNX Runtime"
     # Distributions that provide the same module on some nodes (onnxruntime-gpu), by device kind.
     alternatives: Mapping[str, str] = field(default_factory=dict)
+    # For people: the hardware a node needs for each precision not every node runs
+    # ("bf16": "a CPU with AVX512-BF16 or AMX, ..."), named in the fix when none has it.
+    hardware: Mapping[str, str] = field(default_factory=dict)
 
     def load(self) -> Backend:
         module, _, cls = self.impl.partition(":")
@@ -53,6 +56,10 @@ class BackendSpec:
     def install_hint(self, device_kind: str = "cpu") -> str:
         """The distribution a node of *device_kind* installs to get this runtime."""
         return self.alternatives.get(device_kind, self.package)
+
+    def hardware_for(self, precision: str) -> str:
+        """What a node needs to run this runtime at *precision*, for a message's fix."""
+        return self.hardware.get(precision, f"a node that runs {self.name} at {precision}")
 
     def pairing(self, fmt: str | None, precision: str, device_kind: str | None = None) -> str | None:
         """Why this runtime cannot run a *fmt* artifact at *precision* (on *device_kind*
@@ -101,6 +108,9 @@ register_backend(BackendSpec(
     "torch", "workers.backends.torch:TorchBackend", package="torch", module="torch", label="PyTorch eager",
     runs={"torch": ("fp32", "bf16", "fp16"), "quanto": ("fp32",)},
     devices={"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")},
+    hardware={"bf16": "a CPU with AVX512-BF16 or AMX (e.g. Intel Sapphire Rapids, AMD Zen 4) or a "
+                      "GPU with bf16 (NVIDIA Ampere or later)",
+              "fp16": "a CUDA GPU"},
 ))
 register_backend(BackendSpec(
     "onnxruntime", "workers.backends.onnxruntime:OnnxRuntimeBackend", package="onnxruntime",

@@ -20,8 +20,9 @@ The teacher must have the student's class count; it is fed its own input shape.
 (``augment: none``): the teacher runs once over the training split before the first
 epoch and every epoch reuses those logits, instead of a teacher forward per batch per
 epoch. With augmentation each batch is a new view, so the teacher runs per batch on
-the very view the student sees. The teacher runs in eval mode, without gradients, in
-bf16 when ``amp`` is on CUDA.
+the very view the student sees. The teacher runs in eval mode, without gradients, at
+the student's mixed precision (:func:`workers.training.loop_autocast`: ``precision``,
+or bf16 when ``amp`` is on CUDA).
 
 The loop (schedule, selection on validation, checkpoints, resume) is
 :mod:`workers.training`'s; the artifact keeps the parent's structure.
@@ -40,9 +41,11 @@ from workers.data import adapt_images
 from workers.meters import make_meter
 from workers.stages.registry import DistillParams
 from workers.training import (
+    Autocast,
     Student,
     check_model_takes,
     load_student,
+    loop_autocast,
     model_input_shape,
     predict_logits,
     retrain_student,
@@ -100,7 +103,7 @@ class Distillation:
         teacher_logits: torch.Tensor | None = None,
         teacher: nn.Module | None = None,
         teacher_shape: Sequence[int] | None = None,
-        amp: bool = False,
+        autocast: Autocast | None = None,
     ) -> None:
         if (teacher_logits is None) == (teacher is None) or (teacher is not None and teacher_shape is None):
             raise ValueError("give either cached teacher_logits, or a teacher with its teacher_shape")
@@ -110,7 +113,7 @@ class Distillation:
         self.teacher_logits = teacher_logits
         self.teacher = teacher
         self.teacher_shape = teacher_shape
-        self.amp = amp
+        self.autocast = autocast
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, images: torch.Tensor
@@ -119,7 +122,8 @@ class Distillation:
             teacher_logits = self.teacher_logits[indices.to(self.teacher_logits.device)]
         else:
             assert self.teacher is not None and self.teacher_shape is not None
-            with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            autocast = self.autocast or Autocast(images.device.type)
+            with torch.no_grad(), autocast():
                 teacher_logits = self.teacher(adapt_images(images, self.teacher_shape)).float()
         return kd_loss(
             logits, teacher_logits, labels,
@@ -178,27 +182,28 @@ def _prepare(
     its memory for the student's training."""
     teacher = load_teacher(task, num_classes=student.parent.num_classes, data_shape=student.splits.input_shape)
     device = torch.device(env.device)
-    amp = params.amp and device.type == "cuda"
+    autocast = loop_autocast(params, device)
     teacher.model.to(device)
     val_images, val_labels = student.splits.val.tensors
     metrics: dict[str, Any] = {
         "teacher": teacher.source,
         "teacher_val_top1": top1(
             teacher.model, val_images, val_labels, input_shape=teacher.input_shape,
-            batch_size=params.batch_size, device=device, amp=amp,
+            batch_size=params.batch_size, device=device, autocast=autocast,
         ),
         "teacher_logits_cached": params.augment == "none",
     }
     common = {"alpha": params.alpha, "temperature": params.temperature, "label_smoothing": params.label_smoothing}
     if params.augment != "none":
-        objective = Distillation(**common, teacher=teacher.model, teacher_shape=teacher.input_shape, amp=amp)
+        objective = Distillation(**common, teacher=teacher.model, teacher_shape=teacher.input_shape,
+                                 autocast=autocast)
         return objective, [], metrics
 
     meter = make_meter(env.device)
     meter.begin()
     cached = predict_logits(
         teacher.model, student.splits.train.tensors[0], input_shape=teacher.input_shape,
-        batch_size=params.batch_size, device=device, amp=amp,
+        batch_size=params.batch_size, device=device, autocast=autocast,
     )
     reading = meter.end()
     return Distillation(**common, teacher_logits=cached), [reading], metrics

@@ -49,14 +49,14 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     from workers.modelio import save_child
     from workers.stages.quantize import calibration_images
     from workers.stages.quantize_runtimes import export_qat, float_weights, prepare_qat
-    from workers.training import CrossEntropy, fit, load_student, sum_readings, top1
+    from workers.training import CrossEntropy, fit, load_student, loop_autocast, sum_readings, top1
 
     params = QatParams.model_validate(dict(task.params))
     torch.set_num_threads(env.num_threads)
     student = load_student(task, params)
     parent, splits = student.parent, student.splits
     device = torch.device(env.device)
-    amp = params.amp and device.type == "cuda"
+    autocast = loop_autocast(params, device)  # the fake quantizers run under it too
     model = parent.model.to("cpu").eval()
     float_copy = copy.deepcopy(model)  # the architecture the trained float weights load into
     calibration = calibration_images(task, params, parent.input_shape)
@@ -64,7 +64,8 @@ def run(task: StageTask, env: WorkerEnv) -> StageOutput:
     shape = parent.input_shape
 
     def val_top1(m: torch.nn.Module) -> float:
-        return top1(m, val_images, val_labels, input_shape=shape, batch_size=params.batch_size, device=device, amp=amp)
+        return top1(m, val_images, val_labels, input_shape=shape, batch_size=params.batch_size, device=device,
+                    autocast=autocast)
 
     initial = val_top1(model.to(device))
     model.to("cpu")

@@ -32,8 +32,12 @@ class LoopParams(_Params):
     epochs, then a cosine decay over the remaining epochs. The best *validation* epoch's
     weights are kept; ``patience`` stops after that many epochs without a new best.
     ``accumulate_steps`` micro-batches of ``batch_size`` make one optimizer step.
-    ``augment`` (random flip + padded crop) is off by default. ``amp`` is bf16 autocast,
-    effective on CUDA only. ``val_fraction`` carves the validation split from the
+    ``augment`` (random flip + padded crop) is off by default. ``precision`` is the
+    mixed precision of the forward passes (weights and optimizer stay fp32): ``bf16``
+    autocast on CPUs with AVX512-BF16 or AMX and on GPUs that have it, ``fp16`` autocast
+    with gradient scaling on CUDA GPUs; the scheduler places such a stage only on a node
+    that says it can (:attr:`StageKind.needs`). ``amp`` is bf16 autocast at ``precision:
+    fp32``, effective on CUDA only. ``val_fraction`` carves the validation split from the
     training data by the sweep seed; keep it equal across a sweep's stages so a student
     is never selected on samples its teacher trained on.
     """
@@ -49,6 +53,7 @@ class LoopParams(_Params):
     accumulate_steps: int = Field(1, ge=1, le=1_024)
     patience: int | None = Field(None, ge=1, le=10_000)
     amp: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @model_validator(mode="after")
     def _warmup_leaves_epochs(self) -> "LoopParams":
@@ -64,7 +69,8 @@ class TrainParams(LoopParams):
     """Baseline training from scratch (or from a checkpoint / pretrained weights): CE.
 
     The loop options beyond its original six fields (``warmup_epochs``, ``augment``,
-    ``accumulate_steps``, ``patience``, ``amp``) default to the behaviour it had before.
+    ``accumulate_steps``, ``patience``, ``amp``, ``precision``) default to the behaviour
+    it had before.
     """
 
     epochs: int = Field(30, ge=1, le=10_000)
@@ -309,6 +315,27 @@ def _quantize_format(params: Mapping[str, Any]) -> str:
     return ENGINE_FORMATS[str(params.get("engine", "quanto"))]
 
 
+# What a stage needs of the node that runs it: (runtime, precision) pairs the node's own
+# hardware facts must say it can run (workers.hardware.runtime_precisions, on the device
+# the node's worker uses). fp32 on torch runs everywhere, so it is never asked for.
+Needs = tuple[tuple[str, str], ...]
+
+
+def _needs_nothing(params: Mapping[str, Any]) -> Needs:
+    return ()
+
+
+def _loop_needs(params: Mapping[str, Any]) -> Needs:
+    """The shared training loop runs in torch eager at the stage's ``precision``."""
+    precision = str(params.get("precision", "fp32"))
+    return () if precision == "fp32" else (("torch", precision),)
+
+
+# The kinds that run the shared training loop, left out of whose keys ``precision`` is
+# while it holds its default (it came after stores existed).
+_LOOP_UNKEYED = ("precision",)
+
+
 # Formats a stage that retrains, prunes or quantizes a torch model can start from.
 TORCH_FORMATS = ("torch", "quanto")
 
@@ -375,6 +402,10 @@ class StageKind:
     # stage on the same parent must have to be this stage's sibling.
     conditions: tuple[str, ...] = ()
     sibling: Callable[[Mapping[str, Any]], tuple[str, dict[str, Any]]] | None = None
+    # What a stage with these params needs of its node (:data:`Needs`); the scheduler
+    # places it only on nodes whose own facts say they can, and the run start refuses a
+    # sweep no live node can run.
+    needs: Callable[[Mapping[str, Any]], Needs] = _needs_nothing
 
     def load_runner(self) -> Callable[..., Any]:
         return _load(self.runner)
@@ -469,19 +500,22 @@ def unregister_kind(name: str) -> None:
 
 for _kind in (
     StageKind("train", TrainParams, "workers.stages.train:run", True, True, role="baseline", may_wait=True,
-              default_duration_s=600.0, label="baseline training"),
+              default_duration_s=600.0, label="baseline training", unkeyed_defaults=_LOOP_UNKEYED,
+              needs=_loop_needs),
     StageKind("prune", PruneParams, "workers.stages.prune:run", True, True, label="pruning",
               keeps_zeros=_zeros_are_compression, curve_param="ratio",
               unkeyed_defaults=("ratio", "n", "m")),
     StageKind("quantize", QuantizeParams, "workers.stages.quantize:run", True, True, label="quantization",
               artifact_format=_quantize_format, unkeyed_defaults=("engine", "mode", "per_channel")),
     StageKind("finetune", FinetuneParams, "workers.stages.finetune:run", True, True, may_wait=True,
-              default_duration_s=300.0, label="fine-tuning"),
+              default_duration_s=300.0, label="fine-tuning", unkeyed_defaults=_LOOP_UNKEYED, needs=_loop_needs),
     StageKind("distill", DistillParams, "workers.stages.distill:run", True, True, may_wait=True,
-              default_duration_s=300.0, label="knowledge distillation", references=("teacher",)),
+              default_duration_s=300.0, label="knowledge distillation", references=("teacher",),
+              unkeyed_defaults=_LOOP_UNKEYED, needs=_loop_needs),
     StageKind("qat", QatParams, "workers.stages.qat:run", True, True, may_wait=True, default_duration_s=300.0,
               label="quantization-aware training", artifact_format=_quantize_format, consumes=("torch",),
-              conditions=("ptq_top1_drop_over",), sibling=_ptq_sibling),
+              conditions=("ptq_top1_drop_over",), sibling=_ptq_sibling, unkeyed_defaults=_LOOP_UNKEYED,
+              needs=_loop_needs),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
               label="evaluation", unkeyed_defaults=("runtime", "precision"),
               cohort_runner="workers.stages.evaluate:run_cohort"),
