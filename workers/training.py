@@ -465,7 +465,10 @@ def _train_one_epoch(
     *scaler* (fp16) each micro-batch's loss is scaled before its backward pass and the
     step is the scaler's (skipped when the scaled gradients overflowed)."""
     model.train()
-    micro_batches = torch.randperm(len(labels), generator=generator).split(params.batch_size)
+    micro_batches = list(torch.randperm(len(labels), generator=generator).split(params.batch_size))
+    if len(micro_batches) > 1 and len(micro_batches[-1]) == 1 and _has_batch_norm(model):
+        # batch norm cannot train on one sample: the last one joins the batch before it
+        micro_batches[-2:] = [torch.cat(micro_batches[-2:])]
     loss_sum = torch.zeros((), device=device)
     for start in range(0, len(micro_batches), params.accumulate_steps):
         step = micro_batches[start : start + params.accumulate_steps]
@@ -492,6 +495,10 @@ def _train_one_epoch(
                 for param, keep in keep_masks:
                     param.mul_(keep)
     return float(loss_sum) / len(labels)
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- retraining a parent

@@ -107,6 +107,16 @@ def test_two_accumulated_batches_of_16_step_like_one_batch_of_32(tmp_path):
     assert not torch.allclose(plain[1].weight, one[1].weight, atol=1e-4)  # the comparison can tell
 
 
+def test_batch_norm_never_trains_on_a_last_batch_of_one_sample(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    splits = load_dataset(DIGITS, seed=0)
+    loop = FinetuneParams(epochs=1, lr=1e-3, batch_size=len(splits.train.tensors[1]) - 1)  # leaves one sample
+    result = fit(model, splits, loop, objective=CrossEntropy(), input_shape=(1, 8, 8),
+                 task=_task(tmp_path, key="bn01", kind="finetune", params=loop.model_dump(mode="json")), env=ENV)
+    assert result.history[0]["train_loss"] > 0  # torch refuses batch norm training on one sample
+
+
 def test_patience_stops_after_epochs_without_a_better_validation(tmp_path):
     _, result = _fit_linear(tmp_path, epochs=6, lr=1e-12, batch_size=64, patience=2)
     # a rate of 1e-12 cannot change a prediction: epoch 1 stays the best
