@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,13 +74,6 @@ evaluate:
 """
 
 
-def _cpu() -> dict[str, Any]:
-    from workers.hardware import SPEED_FLAGS, cpu_flags, cpu_model
-
-    return {"model": cpu_model(), "flags": sorted(cpu_flags() & SPEED_FLAGS), "logical_cpus": os.cpu_count(),
-            "python": platform.python_version()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None)
@@ -96,6 +88,7 @@ def main() -> None:
     from orchestrator.report.results import render_results
     from orchestrator.runner import run_sweep
     from orchestrator.store import Store
+    from workers.hardware import cpu_facts
     from workers.stats import mcnemar, unpack_correct
 
     arch, kwargs, input_size = MODELS[args.model]
@@ -111,7 +104,7 @@ def main() -> None:
         stages = {s.key: s for s in store.stages(outcome.sweep_id)}
     by = {(r["pipeline"], r["runtime"]): r for r in rows}
     float_ov = by[("baseline", "openvino")]
-    out: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu(),
+    out: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_facts(),
                            "model": {"arch": arch, "kwargs": kwargs, "input_size": input_size},
                            "args": vars(args) | {"json": str(args.json)}, "sweep": outcome.sweep_id,
                            "status": outcome.status, "float": _figures(by[("baseline", "torch")]), "cases": {}}

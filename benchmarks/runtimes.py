@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -72,13 +71,6 @@ evaluate:
 """
 
 
-def _cpu() -> dict[str, Any]:
-    from workers.hardware import SPEED_FLAGS, cpu_flags, cpu_model
-
-    return {"model": cpu_model(), "flags": sorted(cpu_flags() & SPEED_FLAGS), "logical_cpus": os.cpu_count(),
-            "python": platform.python_version()}
-
-
 def _rows(db: str, sweep_id: str) -> list[dict[str, Any]]:
     from orchestrator.report.results import render_results
     from orchestrator.store import Store
@@ -96,11 +88,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from orchestrator.runner import run_sweep
-    from workers.hardware import runtime_precisions
+    from workers.hardware import cpu_facts, runtime_precisions
 
     supported = runtime_precisions("cpu")
     bf16 = [r for r, p in supported.items() if p.get("bf16") is None and "bf16" in p]
-    out: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu(),
+    out: dict[str, Any] = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_facts(),
                            "not_supported_here": {r: {p: why for p, why in ps.items() if why}
                                                   for r, ps in supported.items()}, "models": {}}
     work = Path(tempfile.mkdtemp(prefix="greensweep-runtimes-"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 from datetime import datetime, timezone
@@ -56,13 +55,6 @@ evaluate:
   min_window_s: {window}
   idle_s: 1.0
 """
-
-
-def _cpu() -> dict[str, Any]:
-    from workers.hardware import SPEED_FLAGS, cpu_flags, cpu_model
-
-    return {"model": cpu_model(), "flags": sorted(cpu_flags() & SPEED_FLAGS), "logical_cpus": os.cpu_count(),
-            "python": platform.python_version()}
 
 
 def _cv(values: list[float]) -> float | None:
@@ -105,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from orchestrator.runner import run_sweep
+    from workers.hardware import cpu_facts
 
     work = Path(tempfile.mkdtemp(prefix="greensweep-trust-"))
     os.environ["GREENSWEEP_ARTIFACTS"] = str(work / "artifacts")
@@ -134,7 +127,7 @@ def main() -> None:
             "unpaired_cv_median": statistics.median(f["unpaired_cv"] or 0.0 for f in figs),
             "verdict_top1": {v: [f["verdict_top1"] for f in figs].count(v) for v in ("better", "worse", "same")},
         }
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu(), "runs": args.runs,
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_facts(), "runs": args.runs,
               "repeats": args.repeats, "min_window_s": args.window, "summary": summary, "per_run": runs}
     print(f"\n{args.runs} runs, {args.repeats} rounds of >= {args.window:g} s windows; CPU {result['cpu']['model']}")
     print("| point | new: same / faster / slower | old: mean below baseline's | median ratio | paired ratio CV "

@@ -130,6 +130,13 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def cpu_facts() -> dict[str, object]:
+    """What a benchmark records of the CPU it ran on: model, the speed-relevant flags
+    (:data:`SPEED_FLAGS`), logical CPUs and the Python version."""
+    return {"model": cpu_model(), "flags": sorted(cpu_flags() & SPEED_FLAGS), "logical_cpus": os.cpu_count(),
+            "python": platform.python_version()}
+
+
 def _memory_total_bytes() -> int:
     try:
         with open("/proc/meminfo", encoding="utf-8") as meminfo:
