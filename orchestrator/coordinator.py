@@ -372,6 +372,8 @@ class Coordinator:
 
     def _behind_condition(self, key: str) -> bool:
         """Is *key* (or an ancestor) a conditional stage whose evaluations are not all stored?"""
+        if not self._evaluations:  # no conditional stage in this sweep: nothing to walk
+            return False
         k: str | None = key
         while k is not None:
             if any(self.status[ev] not in _ENDED for ev in self._evaluations.get(k, ())):
