@@ -6,11 +6,17 @@ no real time difference) and structured pruning at 30 % and 60 % (smaller matric
 faster). All evaluated on torch fp32 on this machine, ``--runs`` times (default 20), each
 run a new sweep whose evaluations form one cohort (the builds are reused after the first).
 
-Per run, from the store:
+Each run measures the cohort twice, once per way of sharing a round (``--interleave``,
+default both, alternating which goes first): ``windows`` -- each model one contiguous
+window after another, the protocol of the first cohorts -- and ``slices`` -- the windows
+interleaved in 50 ms slices, the default on CPU.
 
-- **new protocol** (cohort: interleaved rounds, paired ratio to the reference, 95 %
-  t-interval, verdict): the verdict of each point; the round-to-round CV of its paired
-  time ratio;
+Per run and interleaving, from the store:
+
+- **new protocol** (cohort: interleaved rounds, paired ratio to the reference -- turn by
+  turn where sliced -- 95 % t-interval, verdict): the verdict of each point; the
+  round-to-round CV of its paired time ratio (and, for comparison, of the ratio of the
+  rounds' whole windows);
 - **old protocol's reading of the same windows** (each model's mean and CV on its own, the
   comparison the first round's ``pareto`` made): whether the point's mean time per sample
   is below the baseline's (it was then "cheaper"), and the unpaired CV of its time per
@@ -19,7 +25,7 @@ Per run, from the store:
 Targets: each unstructured point ``same`` for time in >= 19 of 20 runs; structured 60 %
 ``faster`` in 20 of 20; the paired ratio's CV < 3 % on CPU.
 
-Usage:  .venv/bin/python benchmarks/trust.py [--runs 20] [--json OUT] [--epochs 30]
+Usage:  .venv/bin/python benchmarks/trust.py [--runs 20] [--interleave windows slices] [--json OUT]
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ evaluate:
   repeats: {repeats}
   min_window_s: {window}
   idle_s: 1.0
+  interleave: {interleave}
 """
 
 
@@ -81,10 +88,30 @@ def _run_figures(db: str, sweep_id: str) -> dict[str, dict[str, Any]]:
         out[r.point] = {
             "verdict_time": r.verdict_time, "time_ratio": r.time_ratio_vs_baseline,
             "ci": [r.time_ratio_ci_low, r.time_ratio_ci_high], "verdict_top1": r.verdict_top1,
-            "paired_ratio_cv": _cv(ratios), "unpaired_cv": _cv(mine),
+            # the protocol's own: over the rounds' paired ratios (turn by turn where sliced)
+            "paired_ratio_cv": r.time_ratio_cv,
+            "window_ratio_cv": _cv(ratios),  # the same from the rounds' whole windows
+            "unpaired_cv": _cv(mine),
             "old_cheaper": statistics.fmean(mine) < statistics.fmean(base_times),
         }
     return out
+
+
+def _summary(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for p in runs[0]:
+        figs = [r[p] for r in runs]
+        verdicts = [f["verdict_time"] for f in figs]
+        summary[p] = {
+            "same": verdicts.count("same"), "faster": verdicts.count("faster"), "slower": verdicts.count("slower"),
+            "old_cheaper": sum(f["old_cheaper"] for f in figs),
+            "median_ratio": statistics.median(f["time_ratio"] for f in figs),
+            "paired_ratio_cv_median": statistics.median(f["paired_ratio_cv"] or 0.0 for f in figs),
+            "window_ratio_cv_median": statistics.median(f["window_ratio_cv"] or 0.0 for f in figs),
+            "unpaired_cv_median": statistics.median(f["unpaired_cv"] or 0.0 for f in figs),
+            "verdict_top1": {v: [f["verdict_top1"] for f in figs].count(v) for v in ("better", "worse", "same")},
+        }
+    return summary
 
 
 def main() -> None:
@@ -92,6 +119,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--window", type=float, default=1.0, help="min_window_s (the quickstart's: 1.0)")
+    ap.add_argument("--interleave", nargs="+", choices=["windows", "slices"], default=["windows", "slices"])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -102,41 +130,37 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="greensweep-trust-"))
     os.environ["GREENSWEEP_ARTIFACTS"] = str(work / "artifacts")
     db = f"sqlite:///{work / 'store.db'}"
-    spec = work / "trust.yaml"
-    spec.write_text(SPEC.format(epochs=args.epochs, repeats=args.repeats, window=args.window))
-    runs: list[dict[str, dict[str, Any]]] = []
+    specs = {}
+    for mode in args.interleave:
+        specs[mode] = work / f"trust-{mode}.yaml"
+        specs[mode].write_text(SPEC.format(epochs=args.epochs, repeats=args.repeats, window=args.window,
+                                           interleave=mode))
+    runs: dict[str, list[dict[str, dict[str, Any]]]] = {mode: [] for mode in args.interleave}
     for i in range(args.runs):
-        outcome = run_sweep(spec, db=db)
-        if outcome.status != "succeeded":
-            raise SystemExit(f"run {i + 1}: sweep {outcome.sweep_id} {outcome.status}")
-        runs.append(_run_figures(db, outcome.sweep_id))
-        print(f"run {i + 1}/{args.runs}: " + "; ".join(
-            f"{p.split(':')[-1].strip()}: {f['verdict_time']} {f['time_ratio']:.3f}" for p, f in runs[-1].items()),
-            flush=True)
+        modes = args.interleave if i % 2 == 0 else list(reversed(args.interleave))
+        for mode in modes:
+            outcome = run_sweep(specs[mode], db=db)
+            if outcome.status != "succeeded":
+                raise SystemExit(f"run {i + 1} ({mode}): sweep {outcome.sweep_id} {outcome.status}")
+            runs[mode].append(_run_figures(db, outcome.sweep_id))
+            print(f"run {i + 1}/{args.runs} {mode}: " + "; ".join(
+                f"{p.split(':')[-1].strip()}: {f['verdict_time']} {f['time_ratio']:.3f}"
+                f" cv {100 * (f['paired_ratio_cv'] or 0):.1f} %" for p, f in runs[mode][-1].items()), flush=True)
 
-    points = list(runs[0])
-    summary: dict[str, Any] = {}
-    for p in points:
-        figs = [r[p] for r in runs]
-        verdicts = [f["verdict_time"] for f in figs]
-        summary[p] = {
-            "same": verdicts.count("same"), "faster": verdicts.count("faster"), "slower": verdicts.count("slower"),
-            "old_cheaper": sum(f["old_cheaper"] for f in figs),
-            "median_ratio": statistics.median(f["time_ratio"] for f in figs),
-            "paired_ratio_cv_median": statistics.median(f["paired_ratio_cv"] or 0.0 for f in figs),
-            "unpaired_cv_median": statistics.median(f["unpaired_cv"] or 0.0 for f in figs),
-            "verdict_top1": {v: [f["verdict_top1"] for f in figs].count(v) for v in ("better", "worse", "same")},
-        }
+    summaries = {mode: _summary(r) for mode, r in runs.items()}
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_facts(), "runs": args.runs,
-              "repeats": args.repeats, "min_window_s": args.window, "summary": summary, "per_run": runs}
+              "repeats": args.repeats, "min_window_s": args.window, "summary": summaries, "per_run": runs}
     print(f"\n{args.runs} runs, {args.repeats} rounds of >= {args.window:g} s windows; CPU {result['cpu']['model']}")
-    print("| point | new: same / faster / slower | old: mean below baseline's | median ratio | paired ratio CV "
-          "(median) | unpaired CV (median) | top-1 verdicts |")
-    print("|---|---|---:|---:|---:|---:|---|")
-    for p, s in summary.items():
-        print(f"| {p} | {s['same']} / {s['faster']} / {s['slower']} | {s['old_cheaper']} of {args.runs} "
-              f"| {s['median_ratio']:.3f} | {100 * s['paired_ratio_cv_median']:.1f} % "
-              f"| {100 * s['unpaired_cv_median']:.1f} % | {s['verdict_top1']} |")
+    print("| point | rounds | new: same / faster / slower | old: mean below baseline's | median ratio "
+          "| paired ratio CV (median) | whole-window ratio CV | unpaired CV (median) | top-1 verdicts |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for p in summaries[args.interleave[0]]:
+        for mode, summary in summaries.items():
+            s = summary[p]
+            print(f"| {p} | {mode} | {s['same']} / {s['faster']} / {s['slower']} | {s['old_cheaper']} of {args.runs} "
+                  f"| {s['median_ratio']:.3f} | {100 * s['paired_ratio_cv_median']:.1f} % "
+                  f"| {100 * s['window_ratio_cv_median']:.1f} % "
+                  f"| {100 * s['unpaired_cv_median']:.1f} % | {s['verdict_top1']} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
 

@@ -28,6 +28,12 @@ LOCAL_NODE_TYPE = "local"
 # The local Ray's object store: artifacts travel through the artifact root, so the
 # object store only carries small task/result objects.
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+# Ray runs its worker processes at nice 15 unless told otherwise: every stage would then
+# lose the CPU to anything else on the node -- the coordinator, Ray's own daemons -- and a
+# 2-thread evaluation on a 2-vCPU node stalls whenever either thread does (measured: the
+# paired time ratio's round-to-round CV 7-12 % niced, see docs/BENCHMARKS.md). Clusters
+# started by greensweep set 0; `ray start` nodes need RAY_worker_niceness=0 (README).
+RAY_SYSTEM_CONFIG: dict[str, Any] = {"worker_niceness": 0}
 # Each simulated node's object store (Ray's minimum is ~75 MiB); small for the same reason.
 SIM_OBJECT_STORE_BYTES = 128 * 1024**2
 _LOOPBACK = "127.0.0.1"
@@ -276,6 +282,7 @@ def connect(
                 labels=labels,
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 _node_ip_address="127.0.0.1",
+                _system_config=dict(RAY_SYSTEM_CONFIG),
                 **common,
             )
         else:
@@ -367,7 +374,7 @@ def start_simulated(path: Path | str) -> None:
     )
     cluster = Cluster()
     try:
-        cluster.add_node(num_cpus=0, **node_common)
+        cluster.add_node(num_cpus=0, _system_config=dict(RAY_SYSTEM_CONFIG), **node_common)
         for node in sim.nodes:
             labels = {NODE_TYPE_LABEL: node.node_type, REGION_LABEL: node.region}
             for _ in range(node.count):
@@ -481,6 +488,11 @@ def require_runtimes(plan: Any, nodes: list[NodeInfo], facts: Mapping[str, Mappi
     for target, runtime, precision in asked:
         spec = get_backend(runtime)
         for node in (n for n in nodes if n.node_type == target):
+            if device_kind(node) not in spec.devices:  # installing it would not help
+                raise CapabilityError(
+                    f"evaluate.runtimes: {runtime} does not run on {device_kind(node)} nodes ({target} node "
+                    f"{node.node_id[:12]}) -- evaluate it on a target with {spec.hardware_for(precision)}, or "
+                    "remove the runtime")
             installed = (facts.get(node.node_id, {}).get("runtimes") or {}).get(runtime)
             if installed is None:
                 raise ClusterError(

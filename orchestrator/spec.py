@@ -115,6 +115,8 @@ class EvaluateSpec:
     min_window_s: float
     idle_s: float
     baseline: bool
+    interleave: str = "auto"
+    slice_s: float = 0.05
     runtimes: tuple[str, ...] = ("torch",)
     precisions: tuple[str, ...] = ("fp32",)
     # most evaluations measured together (besides the reference); not part of any key
@@ -131,6 +133,8 @@ class EvaluateSpec:
             repeats=self.repeats,
             min_window_s=self.min_window_s,
             idle_s=self.idle_s,
+            interleave=self.interleave,  # type: ignore[arg-type]  # checked by _EvaluateSection
+            slice_s=self.slice_s,
         ).model_dump(mode="json")
 
 
@@ -367,7 +371,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
         for t in f.evaluate.targets:
             EvaluateParams(target=t, batch_size=f.evaluate.batch_size,
                            warmup_batches=f.evaluate.warmup_batches, warmup_s=f.evaluate.warmup_s, repeats=f.evaluate.repeats,
-                           min_window_s=f.evaluate.min_window_s, idle_s=f.evaluate.idle_s)
+                           min_window_s=f.evaluate.min_window_s, idle_s=f.evaluate.idle_s,
+                           interleave=f.evaluate.interleave, slice_s=f.evaluate.slice_s)
     except ValidationError as e:
         raise _pydantic_error(e, prefix="evaluate") from None
 
@@ -410,6 +415,8 @@ def parse_spec(text: str, *, base_dir: Path | str = ".", check_arch: bool = True
             min_window_s=f.evaluate.min_window_s,
             idle_s=f.evaluate.idle_s,
             baseline=f.evaluate.baseline,
+            interleave=f.evaluate.interleave,
+            slice_s=f.evaluate.slice_s,
             runtimes=tuple(f.evaluate.runtimes),
             precisions=tuple(f.evaluate.precision),
             cohort_size=f.evaluate.cohort_size,

@@ -70,6 +70,8 @@ class _EvaluateSection(_Strict):
     repeats: int = EvaluateParams.model_fields["repeats"].default
     min_window_s: float = EvaluateParams.model_fields["min_window_s"].default
     idle_s: float = EvaluateParams.model_fields["idle_s"].default
+    interleave: Literal["auto", "slices", "windows"] = EvaluateParams.model_fields["interleave"].default
+    slice_s: float = EvaluateParams.model_fields["slice_s"].default
     baseline: bool = True  # also evaluate the uncompressed model
     # Evaluations of a node measured together, in interleaved rounds, with the reference
     # (the uncompressed model on torch fp32) in every cohort; more form further cohorts.

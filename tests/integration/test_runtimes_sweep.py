@@ -72,6 +72,14 @@ def test_a_sweep_on_two_runtimes_stores_and_compares_them(tmp_path: Path, db_url
         for name in ("energy_ratio_vs_baseline", "energy_ratio_ci_low", "energy_ratio_ci_high"):
             assert r[name] > 0
     assert "answer" in first.stdout and "local / onnxruntime" in first.stdout
+    from orchestrator.store import Store
+
+    with Store.open(db_url) as store:
+        (cohort,) = store.cohorts(sweep_id)
+    # on CPU the windows are interleaved in slices, and the Ray greensweep starts does not nice its workers
+    assert cohort.protocol["interleave"] == "slices" and cohort.protocol["niceness"] == 0
+    counts = cohort.protocol["slices_per_window"]
+    assert len(counts) == 3 and all(len(c) == 3 and min(c) >= 1 for c in counts.values())
 
     compare = _run(["compare", sweep_id, "--format", "json"], tmp_path, env)
     assert compare.returncode == 0, compare.stderr

@@ -107,6 +107,9 @@ def test_aws_launcher_template_passes_rays_own_validation() -> None:
     for name, node_type in workers.items():
         _check_labels(name, node_type["labels"])
         assert node_type["labels"][NODE_TYPE_LABEL] == name
+    # Ray's workers run at nice 15 unless every node is started with 0 (orchestrator.cluster.RAY_SYSTEM_CONFIG)
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert starts and all(c.startswith("RAY_worker_niceness=0 ray start") for c in starts)
 
 
 def test_kuberay_manifest_structure_and_autoscaler_view() -> None:
@@ -118,6 +121,8 @@ def test_kuberay_manifest_structure_and_autoscaler_view() -> None:
     for g in groups:
         _check_labels(g["groupName"], g["labels"])
         assert "labels" not in g["rayStartParams"]  # ignored there by Ray's autoscaler
+    containers = [c for spec in [cr["spec"]["headGroupSpec"], *groups] for c in spec["template"]["spec"]["containers"]]
+    assert all({"name": "RAY_worker_niceness", "value": "0"} in c.get("env", []) for c in containers)
     gpu_limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups]
     assert any(gpu_limits) and not all(gpu_limits)
 

@@ -141,8 +141,15 @@ def _cohort(root: str, shown: bool, seed: int = 7) -> list[StageTask]:
     return [dataclasses.replace(t, cohort=cohort) for t in members]
 
 
-def test_every_member_gets_one_window_per_round_in_a_seeded_order(artifact_root):
-    outs = evaluate.run_cohort(_cohort(artifact_root, shown=False), ENV)
+@pytest.mark.parametrize("interleave", ["windows", "slices"])
+def test_every_member_gets_one_window_per_round_in_a_seeded_order(artifact_root, interleave):
+    tasks = _cohort(artifact_root, shown=False)
+    reference = dataclasses.replace(tasks[0].cohort.reference,
+                                    params={**tasks[0].cohort.reference.params, "interleave": interleave})
+    cohort = dataclasses.replace(tasks[0].cohort, reference=reference)
+    outs = evaluate.run_cohort([dataclasses.replace(t, cohort=cohort) for t in tasks], ENV)
+    assert outs[0].metrics["cohort"]["protocol"]["interleave"] == interleave
+    assert outs[0].metrics["paired"]["pairing"] == ("rounds" if interleave == "windows" else "turns")
     assert len(outs) == 2 and not any(isinstance(o, BaseException) for o in outs)
     for out in outs:
         assert [r.repeat for r in out.repeats] == [0, 1, 2, 3]
@@ -232,3 +239,66 @@ def test_a_cohort_whose_worker_dies_is_measured_again_whole_in_a_new_cohort(stor
     assert [k for c, k in seen if c == second] == evals
     attempts = {k: [a.status for a in store.attempts(outcome.sweep_id, k)] for k in evals}
     assert all(a == ["lost", "succeeded"] for a in attempts.values()), attempts
+
+
+def test_sliced_rounds_interleave_the_members_and_sum_each_window_from_its_slices(artifact_root, monkeypatch):
+    """``interleave: slices``: each meter window (a slice) runs one model, the models take
+    turns slice by slice within a round, and each round's window of a model is the sum of
+    its slices, at least ``min_window_s`` long."""
+    from tests.unit.test_evaluate import RecordingMeter
+
+    events: list[Any] = []
+
+    class TimedMeter(RecordingMeter):
+        def end(self):
+            reading = super().end()
+            self.events[-1] = ("end", reading.duration_s)
+            return reading
+
+    def on_forward(module, args):
+        if module.__class__.__name__ == "VisionTransformer":
+            events.append(id(module))
+
+    monkeypatch.setattr(evaluate, "make_meter", lambda device: TimedMeter(events, device))
+    tasks = [dataclasses.replace(t, params={**t.params, "interleave": "slices", "slice_s": 0.001,
+                                            "min_window_s": 0.3, "repeats": 2})
+             for t in _cohort(artifact_root, shown=True)]
+    cohort = dataclasses.replace(tasks[0].cohort, reference=tasks[1])
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+    try:
+        outs = evaluate.run_cohort([dataclasses.replace(t, cohort=cohort) for t in tasks], ENV)
+    finally:
+        handle.remove()
+    begin = events.index("begin")
+    slices: list[tuple[set[int], float]] = []  # (the models that ran in it, its duration)
+    for e in events[begin:]:
+        if e == "begin":
+            slices.append((set(), 0.0))
+        elif isinstance(e, tuple):
+            slices[-1] = (slices[-1][0], e[1])
+        else:
+            slices[-1][0].add(e)
+    assert all(len(models) == 1 for models, _ in slices)  # a slice runs one model
+    owners = [next(iter(models)) for models, _ in slices]
+    turns = 1 + sum(a != b for a, b in zip(owners, owners[1:]))
+    assert len(set(owners)) == 3 and turns > 3 * 2  # more turns than one window per model per round
+    protocol = outs[0].metrics["cohort"]["protocol"]
+    assert protocol["interleave"] == "slices" and protocol["slice_s"] == 0.001
+    assert protocol["rewarm_batches_per_window"] == 0
+    counts = protocol["slices_per_window"]
+    assert sum(sum(c) for c in counts.values()) == len(slices) and all(len(c) == 2 for c in counts.values())
+    for out in outs:
+        assert [r.repeat for r in out.repeats] == [0, 1]
+        assert all(r.duration_s >= 0.3 and r.samples % 360 == 0 for r in out.repeats)
+    # the ratios pair the slices turn by turn (workers.stats.turn_ratio)
+    assert all(out.metrics["paired"]["pairing"] == "turns" for out in outs)
+    # every slice is counted in exactly one window
+    assert sum(r.duration_s for out in outs for r in out.repeats) == pytest.approx(sum(d for _, d in slices))
+
+
+def test_auto_interleaves_slices_on_cpu_and_keeps_windows_on_cuda():
+    params = evaluate.EvaluateParams()
+    assert params.interleave == "auto"
+    assert evaluate.interleave_mode(params, "cpu") == "slices"
+    assert evaluate.interleave_mode(params, "cuda:0") == "windows"
+    assert evaluate.interleave_mode(evaluate.EvaluateParams(interleave="windows"), "cpu") == "windows"

@@ -49,6 +49,27 @@ def reset_meter_singletons(monkeypatch):
     monkeypatch.setattr(nvml, "_init_outcome", None)
 
 
+class RecordingMeter(NullMeter):
+    """A time-only meter that appends ``"begin"``, ``"end"`` and ``"idle <s>"`` to *events*
+    as the stage calls it."""
+
+    def __init__(self, events: list[Any], device: str = "cpu") -> None:
+        super().__init__(device)
+        self.events = events
+
+    def begin(self) -> None:
+        self.events.append("begin")
+        super().begin()
+
+    def end(self) -> EnergyReading:
+        self.events.append("end")
+        return super().end()
+
+    def measure_idle(self, idle_s: float):
+        self.events.append(f"idle {idle_s}")
+        return super().measure_idle(idle_s)
+
+
 def _task(
     root: str, dataset: DatasetRef = DatasetRef("digits"), parent_key: str = "parent", **params
 ) -> StageTask:
@@ -111,27 +132,17 @@ def test_single_repeat_has_no_std(artifact_root):
     assert out.metrics["time_per_sample_s_std"] is None and out.metrics["top1_std"] is None
 
 
-def test_only_inference_inside_meter_windows(artifact_root, monkeypatch):
+@pytest.mark.parametrize("interleave", ["windows", "slices"])
+def test_only_inference_inside_meter_windows(artifact_root, monkeypatch, interleave):
     """Idle power is sampled first, with nothing running; warm-up runs outside the
-    windows; each window holds exactly one pass, under no_grad; one meter for all."""
-    events: list[str] = []
+    windows; each window holds exactly one pass, under no_grad; one meter for all.
+    Contiguous windows are each re-warmed first; slices (which take turns with other
+    models') are not."""
+    events: list[Any] = []
     meters: list[Meter] = []
 
-    class RecordingMeter(NullMeter):
-        def begin(self) -> None:
-            events.append("begin")
-            super().begin()
-
-        def end(self):
-            events.append("end")
-            return super().end()
-
-        def measure_idle(self, idle_s: float):
-            events.append(f"idle {idle_s}")
-            return super().measure_idle(idle_s)
-
     def make_recording_meter(device: str) -> Meter:
-        meters.append(RecordingMeter(device))
+        meters.append(RecordingMeter(events, device))
         return meters[-1]
 
     def on_forward(module, args):
@@ -142,14 +153,15 @@ def test_only_inference_inside_meter_windows(artifact_root, monkeypatch):
     monkeypatch.setattr(evaluate, "make_meter", make_recording_meter)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
     try:
-        evaluate.run(_task(artifact_root, repeats=2, warmup_batches=3, batch_size=100, idle_s=0.05), ENV)
+        evaluate.run(_task(artifact_root, repeats=2, warmup_batches=3, batch_size=100, idle_s=0.05,
+                           interleave=interleave), ENV)
     finally:
         handle.remove()
     one_pass = ["begin", *["forward"] * 4, "end"]  # 360 samples in batches of 100
     # first the agreement check (the torch model and the deployable on the first batch),
     # then idle, the warm-up, one unmeasured pass recording which samples are right (for the
-    # paired accuracy test), and per round a short re-warm before the window
-    rewarm = ["forward"] * 3
+    # paired accuracy test), and per round a short re-warm before a contiguous window
+    rewarm = ["forward"] * 3 if interleave == "windows" else []
     assert events == ["forward", "forward", "idle 0.05", "begin", "end", *["forward"] * 3, *["forward"] * 4,
                       *(rewarm + one_pass) * 2]
     assert len(meters) == 1

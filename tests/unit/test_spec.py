@@ -289,7 +289,8 @@ def test_defaults_are_filled():
         defaults.batch_size, defaults.warmup_batches, defaults.repeats)
     assert spec.evaluate.params_for("gpu") == {"target": "gpu", "batch_size": 64, "warmup_batches": 3, "repeats": 7,
                                                "min_window_s": 5.0, "idle_s": 2.0,
-                                               "warmup_s": 3.0, "runtime": "torch", "precision": "fp32"}
+                                               "warmup_s": 3.0, "runtime": "torch", "precision": "fp32",
+                                               "interleave": "auto", "slice_s": 0.05}
     assert (spec.evaluate.runtimes, spec.evaluate.precisions) == (("torch",), ("fp32",))
     assert spec.max_points == 1000 and spec.store_url is None
     assert count_points(spec) == 1

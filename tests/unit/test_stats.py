@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from workers.stats import MARGIN, identity_estimate, mcnemar, outlier_rounds, paired_ratio
+from workers.stats import MARGIN, identity_estimate, mcnemar, outlier_rounds, paired_ratio, turn_ratio
 
 ROUNDS = 7
 
@@ -119,7 +119,19 @@ def test_mcnemar_identical_predictions_and_mismatched_lengths():
 def test_an_outlying_round_is_named_not_dropped():
     reference = [1e-3] * ROUNDS
     model = [0.8e-3, 0.81e-3, 0.79e-3, 1.6e-3, 0.8e-3, 0.805e-3, 0.795e-3]
-    assert outlier_rounds(model, reference) == [3]
+    assert outlier_rounds([m / r for m, r in zip(model, reference)]) == [3]
     est = paired_ratio(model, reference)
     assert est.high is not None and est.high > paired_ratio(model[:3] + model[4:], reference[:6]).high  # still counted
-    assert outlier_rounds([1e-3] * ROUNDS, reference) == []
+    assert outlier_rounds([1.0] * ROUNDS) == []
+
+
+def test_a_round_of_turns_sets_a_burst_aside():
+    """Interleaved slices pair turn by turn: a burst on one of the model's slices moves the
+    round's total, not its trimmed turn ratio."""
+    reference = [1e-3] * 10
+    model = [0.5e-3] * 9 + [2.5e-3]  # one slice hit by another process
+    assert sum(model) / sum(reference) == pytest.approx(0.7)
+    assert turn_ratio(model, reference) == pytest.approx(0.5)  # 2 of 10 set aside at each end
+    assert turn_ratio([0.5e-3, 1e-3], reference[:2]) == pytest.approx(0.75)  # under 3 turns: all kept
+    with pytest.raises(ValueError, match="one value per round"):
+        turn_ratio(model, reference[:3])

@@ -10,15 +10,24 @@
    VMs a CPU that takes seconds to reach its steady speed: measured here, 3 warm-up
    batches left the first windows ~30 % slower than later ones).
 4. ``repeats`` rounds of meter windows, each around whole passes over the test split, as
-   many as it takes for the window to last at least ``min_window_s`` (a 50 ms window would
-   be mostly timer and scheduler noise), counting top-1 / top-5 on the device (no host
-   sync inside a pass). Per-sample figures divide by the samples actually processed.
+   many as it takes for the window to last at least ``min_window_s`` (one 50 ms window
+   alone would be mostly timer and scheduler noise), counting top-1 / top-5 on the device
+   (no host sync inside a pass). Per-sample figures divide by the samples actually processed.
 
 Models of one node are measured together in a **cohort** (:func:`run_cohort`): in every
 round each model gets one window, in a seeded random order, and the reference -- the
 uncompressed model on torch at fp32 -- is in every cohort; so slow drift of the machine
 lands on all models alike, and each model gets a paired ratio to the reference with a 95 %
 interval and a verdict (:mod:`workers.stats`), and a paired McNemar test of its top-1.
+On CPU (``interleave: auto`` or ``slices``) a round's windows are **interleaved**: each is
+the sum of slices of whole passes lasting at least ``slice_s`` (50 ms), the models taking
+turns slice by slice until each has ``min_window_s``, and each round's ratio to the
+reference is paired turn by turn (:func:`workers.stats.turn_ratio`: the trimmed mean of the
+per-turn slice ratios), so neither drift over seconds nor a burst of another process on
+one slice lands on one model. On a shared 2-vCPU VM this took the round-to-round CV of the
+paired time ratio from 10-13 % (contiguous 1 s windows) to 2.1-3.9 % (docs/BENCHMARKS.md).
+On CUDA (``auto``) windows stay contiguous: NVML's energy counter is too coarse to split
+among 50 ms slices.
 
 Energy is reported per domain (gpu, cpu, dram) gross and net of idle power
 (``net = gross - idle_power_w * duration_s``; it may come out slightly negative when the
@@ -48,8 +57,9 @@ import os
 import random
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence, cast
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -58,7 +68,16 @@ from workers.backends.base import Deployable, ThreadSettings, agreement, check_e
 from workers.data import load_dataset
 from workers.meters import DOMAINS, Meter, make_meter
 from workers.stages.registry import EvaluateParams
-from workers.stats import RatioEstimate, identity_estimate, mcnemar, outlier_rounds, pack_correct, paired_ratio
+from workers.stats import (
+    RatioEstimate,
+    identity_estimate,
+    mcnemar,
+    outlier_rounds,
+    pack_correct,
+    ratio_estimate,
+    turn_ratio,
+)
+from workers.training import sum_readings
 from workers.types import Cohort, EnergyReading, EvalRepeat, StageOutput, StageTask, WorkerEnv
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -90,6 +109,10 @@ class _Member:
     top_k: int = 1
     correct: list[bool] = field(default_factory=list)  # top-1 per test sample, one unmeasured pass
     windows: list[EvalRepeat] = field(default_factory=list)
+    slices: list[int] = field(default_factory=list)  # meter windows that made each round's window
+    # per round, the member's slices by turn: (time per sample, energy per sample or None);
+    # empty for a round of contiguous windows
+    turns: list[dict[int, tuple[float, float | None]]] = field(default_factory=list)
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -107,9 +130,11 @@ def run_cohort(tasks: Sequence[StageTask], env: WorkerEnv) -> list[StageOutput |
     2. Idle power sampled once, for the cohort, before any warm-up.
     3. Each model warmed up (``warmup_batches`` and ``warmup_s``) and run once over the test
        split to record which samples it gets right (for the paired accuracy test).
-    4. ``repeats`` rounds: in each, every model gets one window (after a short unmeasured
-       re-warm of ``warmup_batches`` batches), in an order drawn from the cohort's seed,
-       with the garbage collector off inside windows and ``perf_counter_ns`` timers.
+    4. ``repeats`` rounds: in each, every model gets one window, in an order drawn from the
+       cohort's seed, with the garbage collector off inside windows and ``perf_counter_ns``
+       timers -- interleaved slices (:func:`_sliced_round`) or, with ``interleave:
+       windows`` and by default on CUDA, contiguous windows each after a short unmeasured
+       re-warm of ``warmup_batches`` batches (:func:`_windowed_round`).
     5. Per model, besides the absolute figures of :func:`_protocol_metrics` and
        :func:`_energy_metrics`: the cohort (``metrics["cohort"]``: its id, seed, protocol,
        noise floor and the reference's rounds) and the paired figures against the
@@ -146,12 +171,14 @@ def run_cohort(tasks: Sequence[StageTask], env: WorkerEnv) -> list[StageOutput |
                 _warm_up(cast(Deployable, m.deployable), m.batches, m.params.warmup_batches, m.params.warmup_s,
                          env.device)
                 m.correct = _correct(cast(Deployable, m.deployable), m.batches)
-            order = _rounds(live, protocol.repeats, cohort.seed if cohort else 0)
-            for round_no, ordered in enumerate(order):
-                for position, m in enumerate(ordered):
-                    _warm_up(cast(Deployable, m.deployable), m.batches, m.params.warmup_batches, 0.0, env.device)
-                    m.windows.append(_measured_window(meter, cast(Deployable, m.deployable), m.batches, m.top_k,
-                                                      env.device, round_no, m.params.min_window_s, position))
+            seed = cohort.seed if cohort else 0
+            sliced = interleave_mode(protocol, env.device) == "slices"
+            turns = random.Random(f"{seed}:slices")  # the turns within a round; _rounds draws the rounds
+            for round_no, ordered in enumerate(_rounds(live, protocol.repeats, seed)):
+                if sliced:
+                    _sliced_round(meter, ordered, round_no, protocol.slice_s, turns, env.device)
+                else:
+                    _windowed_round(meter, ordered, round_no, env.device)
         cohort_facts = _cohort_metrics(cohort, reference, live, protocol, pinned, env) if cohort else None
         out: list[StageOutput | BaseException] = []
         for m in members:
@@ -263,12 +290,12 @@ def _paired_metrics(m: _Member, reference: _Member, repeats: tuple[EvalRepeat, .
     energy) per sample with its 95 % interval and verdict (:mod:`workers.stats`), and
     McNemar's test of top-1 on the same test samples."""
     is_ref = m is reference
-    mine_t, ref_t = [r.time_per_sample_s for r in repeats], [r.time_per_sample_s for r in reference.windows]
-    time_est = identity_estimate(len(repeats)) if is_ref else paired_ratio(mine_t, ref_t)
-    mine, theirs = _energies(repeats), _energies(tuple(reference.windows))
+    time_ratios = _round_ratios(m, reference, 0)
+    time_est = identity_estimate(len(repeats)) if is_ref else ratio_estimate(cast(list[float], time_ratios))
+    energy_ratios = _round_ratios(m, reference, 1)
     energy_est: RatioEstimate | None = None
-    if mine is not None and theirs is not None:
-        energy_est = identity_estimate(len(repeats)) if is_ref else paired_ratio(mine, theirs)
+    if energy_ratios is not None:
+        energy_est = identity_estimate(len(repeats)) if is_ref else ratio_estimate(energy_ratios)
     test = mcnemar(reference.correct, m.correct)
     sources = [s for s in (getattr(cast(EnergyReading, r.energy), f"{d}_source") for r in repeats for d in DOMAINS)
                if s and s != "none"]
@@ -283,8 +310,31 @@ def _paired_metrics(m: _Member, reference: _Member, repeats: tuple[EvalRepeat, .
         "energy_follows_time": bool(sources) and all(s.startswith("estimate") for s in sources),
         "verdict_top1": "same" if is_ref else test.verdict, "top1_mcnemar_p": test.p,
         "top1_discordant": [test.b, test.c], "rounds": len(repeats),
-        "outlier_rounds": [] if is_ref else outlier_rounds(mine_t, ref_t),  # kept in every figure, named
+        "outlier_rounds": [] if is_ref else outlier_rounds(cast(list[float], time_ratios)),  # kept, named
+        "pairing": "turns" if any(m.turns) else "rounds",
     }
+
+
+def _round_ratios(m: _Member, reference: _Member, figure: int) -> list[float] | None:
+    """Per round, the member's time (*figure* 0) or energy (1) per sample over the
+    reference's: turn by turn where the round was interleaved in slices
+    (:func:`workers.stats.turn_ratio`, over the turns both ran), else the ratio of the two
+    windows. None when an energy figure is missing."""
+    out = []
+    for r, (mine, theirs) in enumerate(zip(m.windows, reference.windows)):
+        common = sorted(set(m.turns[r]) & set(reference.turns[r])) if r < len(m.turns) else []
+        pairs = [(m.turns[r][t][figure], reference.turns[r][t][figure]) for t in common]
+        if pairs and all(a is not None and b is not None for a, b in pairs):
+            out.append(turn_ratio([cast(float, a) for a, _ in pairs], [cast(float, b) for _, b in pairs]))
+            continue
+        if figure == 0:
+            out.append(mine.time_per_sample_s / theirs.time_per_sample_s)
+            continue
+        window = _energies((mine, theirs))
+        if window is None:
+            return None
+        out.append(window[0] / window[1])
+    return out
 
 
 def _energies(repeats: tuple[EvalRepeat, ...]) -> list[float] | None:
@@ -302,6 +352,7 @@ def _cohort_metrics(cohort: Cohort, reference: _Member | None, live: list[_Membe
     times = [r.time_per_sample_s for r in ref.windows]
     energies = _energies(tuple(ref.windows))
     noise = statistics.stdev(times) / statistics.fmean(times) if len(times) > 1 else None
+    sliced = interleave_mode(protocol, env.device) == "slices"
     return {
         "id": cohort.id, "seed": cohort.seed, "rounds": protocol.repeats, "size": len(live),
         "node_id": env.node_id, "target": protocol.target, "reference_key": ref.task.key,
@@ -310,8 +361,14 @@ def _cohort_metrics(cohort: Cohort, reference: _Member | None, live: list[_Membe
             "order": "seeded-random", "repeats": protocol.repeats, "min_window_s": protocol.min_window_s,
             "warmup_batches": protocol.warmup_batches, "warmup_s": protocol.warmup_s, "idle_s": protocol.idle_s,
             "batch_size": protocol.batch_size, "timer": TIMER, "gc_disabled_in_windows": True,
-            "rewarm_batches_per_window": protocol.warmup_batches,
+            "interleave": "slices" if sliced else "windows", "slice_s": protocol.slice_s if sliced else None,
+            # slices follow one another with no re-warm: each starts after another model's
+            "rewarm_batches_per_window": 0 if sliced else protocol.warmup_batches,
+            "slices_per_window": {m.task.key: m.slices for m in live},
             "affinity": sorted(pinned[1]) if pinned else None, "threads": env.num_threads,
+            # > 0: the worker yields the CPU to every other process (Ray's default for its
+            # workers is 15; greensweep's clusters set 0, `ray start` needs RAY_worker_niceness=0)
+            "niceness": os.nice(0) if hasattr(os, "nice") else None,
             "members": [m.task.key for m in live],
         },
         "reference": {"time_per_sample_s": times, "energy_per_sample_j": energies,
@@ -411,49 +468,123 @@ def _load_model(task: StageTask, device: str) -> tuple[nn.Module, dict[str, Any]
     return root.model.to(device), manifest
 
 
-def _measured_window(
-    meter: Meter, model: Deployable, batches: list[Batch], top_k: int, device: str, repeat: int, min_window_s: float,
-    position: int | None = None,
-) -> EvalRepeat:
-    """One meter window around whole passes over every batch, until it lasts
-    ``min_window_s``; accuracy counted on-device over every pass; the garbage collector
-    off inside the window (a collection would land on whichever model is being timed)."""
-    correct_top1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct_topk = torch.zeros((), dtype=torch.int64, device=device)
-    passes = 0
-    min_ns = int(min_window_s * 1e9)
+def interleave_mode(params: EvaluateParams, device: str) -> str:
+    """``slices`` or ``windows``: how the models of a cohort share each round on *device*
+    (``auto``: windows on CUDA, where NVML's energy counter is too coarse for slices)."""
+    if params.interleave != "auto":
+        return params.interleave
+    return "windows" if device.startswith("cuda") else "slices"
+
+
+@dataclass
+class _Tally:
+    """One model's window of one round, as it accumulates: samples, hits and energy."""
+
+    samples: int = 0
+    top1: int = 0
+    topk: int = 0
+    readings: list[EnergyReading] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        return sum(r.duration_s for r in self.readings)
+
+    def repeat(self, round_no: int, position: int | None) -> EvalRepeat:
+        energy = cast(EnergyReading, sum_readings(self.readings))
+        return EvalRepeat(
+            repeat=round_no,
+            samples=self.samples,
+            top1=self.top1 / self.samples,
+            top5=self.topk / self.samples,
+            duration_s=energy.duration_s,
+            time_per_sample_s=energy.duration_s / self.samples,
+            throughput_samples_per_s=self.samples / energy.duration_s,
+            energy=energy,
+            position=position,
+        )
+
+
+@contextmanager
+def _gc_off() -> Iterator[None]:
+    """The garbage collector off (a collection would land on whichever model is being timed)."""
     gc.collect()
     gc.disable()
     try:
-        meter.begin()
-        start = time.perf_counter_ns()
-        while True:
-            for images, labels in batches:
-                hits = model.run(images).topk(top_k, dim=1).indices == labels.unsqueeze(1)
-                correct_top1 += hits[:, 0].sum()
-                correct_topk += hits.any(dim=1).sum()
-            passes += 1
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
-            if time.perf_counter_ns() - start >= min_ns:
-                break
-        energy = meter.end()  # its window, timed on the same clock, is the measured time
-        elapsed_s = energy.duration_s
+        yield
     finally:
         gc.enable()
 
-    samples = passes * sum(len(labels) for _, labels in batches)
-    return EvalRepeat(
-        repeat=repeat,
-        samples=samples,
-        top1=int(correct_top1) / samples,
-        top5=int(correct_topk) / samples,
-        duration_s=elapsed_s,
-        time_per_sample_s=elapsed_s / samples,
-        throughput_samples_per_s=samples / elapsed_s,
-        energy=energy,
-        position=position,
-    )
+
+def _timed_passes(meter: Meter, model: Deployable, batches: list[Batch], top_k: int, device: str, min_s: float,
+                  tally: _Tally) -> None:
+    """One meter window around whole passes over every batch, until it lasts *min_s*
+    (at least one pass); accuracy counted on-device, no host sync inside a pass; added
+    to *tally*. The meter's window, timed on the same clock, is the measured time."""
+    correct_top1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct_topk = torch.zeros((), dtype=torch.int64, device=device)
+    passes = 0
+    min_ns = int(min_s * 1e9)
+    meter.begin()
+    start = time.perf_counter_ns()
+    while True:
+        for images, labels in batches:
+            hits = model.run(images).topk(top_k, dim=1).indices == labels.unsqueeze(1)
+            correct_top1 += hits[:, 0].sum()
+            correct_topk += hits.any(dim=1).sum()
+        passes += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        if time.perf_counter_ns() - start >= min_ns:
+            break
+    tally.readings.append(meter.end())
+    tally.samples += passes * sum(len(labels) for _, labels in batches)
+    tally.top1 += int(correct_top1)
+    tally.topk += int(correct_topk)
+
+
+def _windowed_round(meter: Meter, ordered: list[_Member], round_no: int, device: str) -> None:
+    """A round of contiguous windows: each member in turn, after a short unmeasured
+    re-warm of ``warmup_batches`` batches, gets one window of ``min_window_s``."""
+    for position, m in enumerate(ordered):
+        deployable = cast(Deployable, m.deployable)
+        _warm_up(deployable, m.batches, m.params.warmup_batches, 0.0, device)
+        tally = _Tally()
+        with _gc_off():
+            _timed_passes(meter, deployable, m.batches, m.top_k, device, m.params.min_window_s, tally)
+        m.windows.append(tally.repeat(round_no, position))
+        m.slices.append(1)
+        m.turns.append({})
+
+
+def _sliced_round(meter: Meter, ordered: list[_Member], round_no: int, slice_s: float, turns: random.Random,
+                  device: str) -> None:
+    """A round of interleaved slices: in turns, every member whose window is still shorter
+    than its ``min_window_s`` runs one slice (whole passes lasting at least *slice_s*, or
+    ``min_window_s`` if shorter), the first turn in the round's order and each later one
+    shuffled by *turns*; a member's window is the sum of its slices. The garbage collector
+    stays off for the round. ``position`` is the member's place in the first turn."""
+    tallies = [_Tally() for _ in ordered]
+    by_turn: list[dict[int, tuple[float, float | None]]] = [{} for _ in ordered]
+    pending = list(range(len(ordered)))
+    turn = 0
+    with _gc_off():
+        while pending:
+            for i in pending:
+                m, tally = ordered[i], tallies[i]
+                before = tally.samples
+                _timed_passes(meter, cast(Deployable, m.deployable), m.batches, m.top_k, device,
+                              min(slice_s, m.params.min_window_s), tally)
+                samples, reading = tally.samples - before, tally.readings[-1]
+                energy = reading.total_energy_j
+                by_turn[i][turn] = (reading.duration_s / samples,
+                                    energy / samples if energy is not None and energy > 0 else None)
+            pending = [i for i in pending if tallies[i].duration_s < ordered[i].params.min_window_s]
+            turns.shuffle(pending)
+            turn += 1
+    for position, (m, tally) in enumerate(zip(ordered, tallies)):
+        m.windows.append(tally.repeat(round_no, position))
+        m.slices.append(len(tally.readings))
+        m.turns.append(by_turn[position])
 
 
 def _artifact_metrics(manifest: dict[str, Any]) -> dict[str, Any]:

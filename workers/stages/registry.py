@@ -174,12 +174,13 @@ class PruneParams(_Params):
         return self
 
 
-Engine = Literal["quanto", "onnxruntime", "openvino"]
+Engine = Literal["quanto", "onnxruntime", "openvino", "tensorrt"]
 
 # The artifact format each quantization engine produces; backends declare the formats
 # they run (workers/backends), so the planner pairs a chain with the runtimes that can
 # run its last artifact.
-ENGINE_FORMATS: dict[str, str] = {"quanto": "quanto", "onnxruntime": "onnx", "openvino": "openvino"}
+ENGINE_FORMATS: dict[str, str] = {"quanto": "quanto", "onnxruntime": "onnx", "openvino": "openvino",
+                                  "tensorrt": "onnx-qdq"}
 
 
 class QuantizeParams(_Params):
@@ -188,9 +189,11 @@ class QuantizeParams(_Params):
     ``engine``: ``quanto`` (optimum-quanto, a torch model with low-bit weights; its fast
     kernels are CUDA-only), ``onnxruntime`` (``quantize_static`` with QDQ nodes, or
     ``quantize_dynamic`` with ``mode: dynamic``: int8 weights, activations quantized at
-    run time) or ``openvino`` (NNCF post-training quantization of the OpenVINO model).
-    A runtime engine's model runs on that runtime only. ``per_channel`` (onnxruntime):
-    one weight scale per output channel.
+    run time), ``openvino`` (NNCF post-training quantization of the OpenVINO model) or
+    ``tensorrt`` (explicit symmetric int8 Q/DQ nodes, calibrated by ONNX Runtime on the
+    CPU, that TensorRT builds an int8 engine from on a GPU). A runtime engine's model runs
+    on that runtime only. ``per_channel`` (onnxruntime, tensorrt): one weight scale per
+    output channel.
     """
 
     weights: Literal["int8", "float8", "int4"]
@@ -205,11 +208,14 @@ class QuantizeParams(_Params):
     def _engine_options(self) -> "QuantizeParams":
         if self.engine == "quanto":
             if self.mode != "static" or self.per_channel:
-                raise ValueError("'mode' and 'per_channel' apply to engine onnxruntime; remove them or set "
-                                 "engine: onnxruntime")
+                raise ValueError("'mode' and 'per_channel' apply to engines onnxruntime and tensorrt; remove them "
+                                 "or set engine: onnxruntime")
             return self
         if self.weights != "int8":
             raise ValueError(f"engine {self.engine} quantizes weights to int8 only; use weights: int8")
+        if self.engine == "tensorrt" and self.mode != "static":
+            raise ValueError("engine tensorrt quantizes statically (TensorRT builds int8 from calibrated Q/DQ "
+                             "nodes); remove mode or use engine: onnxruntime for dynamic quantization")
         if self.engine == "openvino" and (self.mode != "static" or self.per_channel):
             raise ValueError("engine openvino takes neither 'mode' nor 'per_channel' (NNCF quantizes weights "
                              "per channel and calibrates activations); remove them")
@@ -260,6 +266,14 @@ class EvaluateParams(_Params):
     # Each repeat's window covers whole passes over the test split until it lasts this
     # long, so timer granularity and scheduler noise stay small against the window.
     min_window_s: float = Field(5.0, ge=0, le=3_600)
+    # How the models of a cohort share a round: ``slices`` -- each model's window is made
+    # of slices of whole passes lasting at least ``slice_s``, the models taking turns
+    # slice by slice in a seeded order until every one has ``min_window_s``, so drift of
+    # the machine within a round lands on all alike; ``windows`` -- one contiguous window
+    # per model after another; ``auto`` -- slices on CPU, windows on CUDA (NVML's energy
+    # counter updates at its own cadence, too coarse to split among 50 ms slices).
+    interleave: Literal["auto", "slices", "windows"] = "auto"
+    slice_s: float = Field(0.05, gt=0, le=60)
     # Idle power is sampled for this long before the first window, so net energy (gross
     # minus idle power x duration) can be reported next to gross; 0 skips it (net: None).
     idle_s: float = Field(2.0, ge=0, le=600)
@@ -517,7 +531,7 @@ for _kind in (
               conditions=("ptq_top1_drop_over",), sibling=_ptq_sibling, unkeyed_defaults=_LOOP_UNKEYED,
               needs=_loop_needs),
     StageKind("evaluate", EvaluateParams, "workers.stages.evaluate:run", False, False, role="evaluation",
-              label="evaluation", unkeyed_defaults=("runtime", "precision"),
+              label="evaluation", unkeyed_defaults=("runtime", "precision", "interleave", "slice_s"),
               cohort_runner="workers.stages.evaluate:run_cohort"),
     StageKind("noop", NoopParams, "workers.stages.noop:run", produces_artifact=False, flexible=True,
               default_duration_s=1.0, label="no-op", hidden=True),
