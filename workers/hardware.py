@@ -94,7 +94,7 @@ def runtime_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name, spec in BACKENDS.items():
         version = None
-        for dist in (spec.package, *spec.alternatives):
+        for dist in (spec.package, *spec.alternatives.values()):
             try:
                 version = importlib.metadata.version(dist)
                 break

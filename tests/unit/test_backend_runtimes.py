@@ -145,6 +145,35 @@ def test_runtime_quantization_makes_a_runtime_artifact_that_travels(parents, eng
             unpack(tmp_path / "other", key, tampered)
 
 
+def test_tensorrt_quantization_makes_symmetric_int8_qdq(parents):
+    """``engine: tensorrt``: the Q/DQ form TensorRT builds int8 engines from (its
+    calibrators are gone): int8 activations and weights, every zero point 0."""
+    from onnx import TensorProto, numpy_helper
+
+    root = parents["root"]
+    metrics = _quantize(root, "vit", "q-vit-trt", engine="tensorrt", activations="int8", per_channel=True)
+    manifest = verified_manifest(root, "q-vit-trt")
+    assert manifest is not None and manifest["deploy"]["format"] == "onnx-qdq" and metrics["engine"] == "tensorrt"
+    assert manifest["deploy"]["settings"]["symmetric"] is True
+    graph = onnx.load(str(Path(root) / "q-vit-trt" / "model.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    quantizers = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert {n.op_type for n in quantizers} == {"QuantizeLinear", "DequantizeLinear"}
+    zero_points = [inits[n.input[2]] for n in quantizers if len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(z.data_type == TensorProto.INT8 for z in zero_points)
+    assert all(not numpy_helper.to_array(z).any() for z in zero_points)
+    # the float parent travels with it, for the evaluation's agreement check
+    assert manifest["extra"]["float_parent"] == "parent-vit"
+
+
+def test_tensorrt_is_refused_off_an_nvidia_gpu_with_the_fix():
+    backend = get_backend("tensorrt").load()
+    assert "NVIDIA GPUs only" in backend.unsupported("cpu", "fp32")
+    with pytest.raises(ValueError, match="NVIDIA GPUs only"):
+        backend.prepare(_model("vit"), {"key": "a", "size_bytes": 1}, precision="fp32", device="cpu",
+                        threads=ThreadSettings(intra_op=1), example=torch.randn(2, 1, 8, 8), cache_dir=None)
+
+
 def test_evaluations_run_each_model_on_its_runtime_and_report_agreement(parents):
     root = parents["root"]
     _quantize(root, "cnn", "q-cnn-ov", engine="openvino", activations="int8")

@@ -191,3 +191,37 @@ pipelines:
     require_runtimes(plan, [gpu], {gpu.node_id: installed})
     with pytest.raises(ClusterError, match="evaluate.precision: .*fp16"):
         require_runtimes(plan, [cpu], {cpu.node_id: installed})
+
+
+TENSORRT = HEAD + """evaluate:
+  targets: [local]
+  runtimes: [torch, tensorrt]
+  precision: [fp32, fp16]
+pipelines:
+  - name: trt-int8
+    stages:
+      - quantize: {engine: tensorrt, weights: int8, activations: int8, per_channel: true}
+"""
+
+
+def test_tensorrt_pairs_float_models_and_its_own_int8_and_runs_only_on_nvidia_nodes():
+    plan = _plan(TENSORRT)
+    combos = _combos(plan)
+    assert combos["baseline"] == {("torch", "fp32"), ("torch", "fp16"), ("tensorrt", "fp32"), ("tensorrt", "fp16")}
+    assert combos["trt-int8"] == {("tensorrt", "fp32")}  # explicit Q/DQ: a TensorRT model only
+    not_points = {(u.label.split(":")[0], u.runtime, u.precision): u.reason for u in plan.unpaired}
+    assert "runs on tensorrt, not on torch" in not_points[("trt-int8", "torch", "fp32")]
+    gpu, cpu = _node("g" * 20, "local", gpus=1), _node("c" * 20, "local")
+    installed = {"runtimes": {"torch": "2.6", "tensorrt": "10.13"}}
+    require_runtimes(plan, [gpu], {gpu.node_id: installed})
+    with pytest.raises(ClusterError) as e:  # not "pip install tensorrt": it would not help
+        require_runtimes(plan, [cpu], {cpu.node_id: {"runtimes": {"torch": "2.6", "tensorrt": None}}})
+    assert "tensorrt does not run on cpu nodes (local node cccccccccccc)" in str(e.value)
+    assert "NVIDIA GPU" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tensorrt_quantization_is_static():
+    text = HEAD + "pipelines:\n  - name: p\n    stages:\n      - quantize: {engine: tensorrt, mode: dynamic, " \
+                  "weights: int8}\nevaluate: {runtimes: [tensorrt]}\n"
+    with pytest.raises(SpecError, match="engine tensorrt quantizes statically"):
+        _plan(text)

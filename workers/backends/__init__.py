@@ -125,3 +125,12 @@ register_backend(BackendSpec(
     # On an NVIDIA node OpenVINO runs on the node's CPU (the deployable says so).
     devices={"cpu": ("fp32", "bf16", "auto"), "cuda": ("fp32", "bf16", "auto")},
 ))
+register_backend(BackendSpec(
+    "tensorrt", "workers.backends.tensorrt:TensorRtBackend", package="tensorrt", module="tensorrt",
+    label="TensorRT",
+    # fp32 / fp16 engines from the torch model's ONNX form; int8 from explicit Q/DQ
+    # (quantize: {engine: tensorrt}), run at the precision of its float parts.
+    runs={"torch": ("fp32", "fp16"), "onnx-qdq": ("fp32",)},
+    devices={"cuda": ("fp32", "fp16")},
+    hardware={"fp32": "an NVIDIA GPU with TensorRT installed", "fp16": "an NVIDIA GPU with TensorRT installed"},
+))

@@ -37,7 +37,7 @@ class Deployable(ABC):
 
     def __init__(self, *, runtime: str, runtime_version: str, precision: str, device: str, size_bytes: int,
                  threads: ThreadSettings, settings: Mapping[str, Any] | None = None,
-                 sparsity: Mapping[str, Any] | None = None) -> None:
+                 sparsity: Mapping[str, Any] | None = None, temporary: Path | None = None) -> None:
         self.runtime, self.runtime_version = runtime, runtime_version
         self.precision, self.device = precision, device
         self.size_bytes = size_bytes  # what the deployable occupies on disk, as saved
@@ -47,13 +47,20 @@ class Deployable(ABC):
         # materialized on sparse kernels or not, and why), from a runtime that can run it;
         # None: it runs whatever it got on dense kernels (the evaluation records that).
         self.sparsity = dict(sparsity) if sparsity is not None else None
+        self._temporary = temporary  # a directory of exported files this deployable removes when closed
 
     @abstractmethod
     def run(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of *images* (on :attr:`device`), as a torch tensor there."""
 
     def close(self) -> None:
-        """Release what the deployable holds (sessions, temporary files); idempotent."""
+        """Release what the deployable holds (sessions, temporary files); idempotent.
+        A subclass drops its runtime's handles, then calls this."""
+        if self._temporary is not None:
+            import shutil
+
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
 
     def describe(self) -> dict[str, Any]:
         """What a measurement records about how it ran."""
@@ -73,6 +80,12 @@ class Backend(ABC):
     @abstractmethod
     def unsupported(self, device: str, precision: str) -> str | None:
         """Why this node cannot run *precision* on *device*, or None when it can."""
+
+    def require(self, device: str, precision: str) -> None:
+        """Raise ValueError with :meth:`unsupported`'s reason, if there is one."""
+        reason = self.unsupported(device, precision)
+        if reason is not None:
+            raise ValueError(reason)
 
     @abstractmethod
     def prepare(self, model: nn.Module, manifest: Mapping[str, Any], *, precision: str, device: str,

@@ -61,6 +61,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> list[Pat
     return [path, data] if data.is_file() else [path]
 
 
+def to_fp16(path: Path) -> None:
+    """Rewrite the ONNX model at *path* with float16 weights and operations and float32
+    inputs and outputs (Cast nodes at the edges; ONNX Runtime's ``convert_float_to_float16``
+    with ``keep_io_types``)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+
+
 def convert_openvino(model: nn.Module, example: torch.Tensor) -> object:
     """*model* converted to an OpenVINO ``ov.Model`` (from the torch module directly)
     with a dynamic batch axis and the other axes of *example*."""

@@ -6,7 +6,8 @@ holds, one inter-op thread, sequential execution, full graph optimization -- and
 intra-op threads' spinning off (``session.intra_op.allow_spinning=0``): spinning threads
 keep burning CPU after every call and would inflate the energy figure. CPU nodes run the
 ``CPUExecutionProvider`` (package ``onnxruntime``); GPU nodes the ``CUDAExecutionProvider``
-(package ``onnxruntime-gpu``: the two packages cannot be installed together). ``fp16``
+(package ``onnxruntime-gpu``: the two packages cannot be installed together), with
+inputs and outputs bound in GPU memory. ``fp16``
 (CUDA only) converts the exported model's weights and operations to float16 with fp32
 inputs and outputs. A model quantized by ONNX Runtime (``quantize: {engine:
 onnxruntime}``) is loaded from its artifact's payload, never exported again.
@@ -15,16 +16,15 @@ onnxruntime}``) is loaded from its artifact's payload, never exported again.
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
 
 from workers.backends.base import Backend, Deployable, ThreadSettings, model_files
 from workers.backends.cache import files_size
-from workers.backends.export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx
+from workers.backends.export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, to_fp16
 
 MODEL_FILE = "model.onnx"
 
@@ -44,22 +44,40 @@ def session_options(threads: ThreadSettings) -> Any:
 
 
 class OnnxRuntimeDeployable(Deployable):
-    def __init__(self, session: Any, temporary: Path | None, **kwargs: Any) -> None:
+    """On the CUDA provider, inputs and outputs stay on the GPU (I/O binding of the torch
+    tensors' memory): a copy through host memory per batch would be timed as inference."""
+
+    def __init__(self, session: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.session = session
-        self._temporary = temporary
         self._input_type = session.get_inputs()[0].type  # "tensor(float)" (fp16 models keep fp32 I/O)
+        classes = session.get_outputs()[0].shape[-1]
+        self._on_gpu = self.device.startswith("cuda") and "CUDAExecutionProvider" in session.get_providers() \
+            and isinstance(classes, int)
+        self._classes = classes if isinstance(classes, int) else None
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
+        if self._on_gpu:
+            return self._run_bound(images)
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         return torch.from_numpy(out).to(images.device)
 
+    def _run_bound(self, images: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        x = images.detach().to(self.device, torch.float32).contiguous()
+        out = torch.empty((x.shape[0], cast(int, self._classes)), dtype=torch.float32, device=x.device)
+        index = x.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(OUTPUT_NAME, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(binding)  # returns once the provider's stream is done
+        return out
+
     def close(self) -> None:
         self.session = None
-        if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-            self._temporary = None
+        super().close()
 
 
 class OnnxRuntimeBackend(Backend):
@@ -70,9 +88,12 @@ class OnnxRuntimeBackend(Backend):
 
         return ort.__version__
 
-    def _providers(self, device: str) -> list[str]:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else [
-            "CPUExecutionProvider"]
+    def _providers(self, device: str) -> list[Any]:
+        if not device.startswith("cuda"):
+            return ["CPUExecutionProvider"]
+        index = torch.device(device).index or 0
+        # fp32 means fp32: the CUDA provider would run fp32 matmuls as TF32 on Ampere and newer
+        return [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0}), "CPUExecutionProvider"]
 
     def unsupported(self, device: str, precision: str) -> str | None:
         import onnxruntime as ort
@@ -88,9 +109,7 @@ class OnnxRuntimeBackend(Backend):
                 artifact_dir: Path | None = None) -> Deployable:
         import onnxruntime as ort
 
-        reason = self.unsupported(device, precision)
-        if reason is not None:
-            raise ValueError(reason)
+        self.require(device, precision)
         material = {"artifact": manifest.get("key") or manifest.get("sha256"), "runtime": self.name,
                     "precision": precision, "runtime_version": self.version(), "opset": ONNX_OPSET,
                     "torch": torch.__version__}
@@ -100,11 +119,14 @@ class OnnxRuntimeBackend(Backend):
         session = ort.InferenceSession(str(path), session_options(threads), providers=self._providers(device))
         options = session.get_session_options()
         applied = ThreadSettings(intra_op=options.intra_op_num_threads, inter_op=options.inter_op_num_threads)
+        cuda_options = session.get_provider_options().get("CUDAExecutionProvider")
         settings = {"providers": session.get_providers(), "execution_mode": str(options.execution_mode),
+                    **({"cuda_use_tf32": cuda_options.get("use_tf32")} if cuda_options else {}),
                     "graph_optimization_level": str(options.graph_optimization_level),
                     "intra_op_allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
                     "opset": ONNX_OPSET, "model": found.source}
-        return OnnxRuntimeDeployable(session, found.temporary, runtime=self.name, runtime_version=self.version(),
+        return OnnxRuntimeDeployable(session, temporary=found.temporary, runtime=self.name,
+                                     runtime_version=self.version(),
                                      precision=precision, device=device, size_bytes=files_size(list(found.files)),
                                      threads=applied, settings=settings)
 
@@ -115,9 +137,5 @@ def _export(model: nn.Module, example: torch.Tensor, precision: str, directory: 
     cpu_model = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
     files = export_onnx(cpu_model, example.detach().cpu().float(), directory / MODEL_FILE)
     if precision == "fp16":
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        half = convert_float_to_float16(onnx.load(str(files[0])), keep_io_types=True)
-        onnx.save(half, str(files[0]))
+        to_fp16(files[0])
     return {"files": [f.name for f in files]}

@@ -16,7 +16,6 @@ artifact's payload.
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,12 +32,11 @@ _CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
 
 
 class OpenVinoDeployable(Deployable):
-    def __init__(self, compiled: Any, temporary: Path | None, **kwargs: Any) -> None:
+    def __init__(self, compiled: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._output = compiled.output(0)
-        self._temporary = temporary
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -47,9 +45,7 @@ class OpenVinoDeployable(Deployable):
 
     def close(self) -> None:
         self.request = self.compiled = None
-        if self._temporary is not None:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-            self._temporary = None
+        super().close()
 
 
 class OpenVinoBackend(Backend):
@@ -77,9 +73,7 @@ class OpenVinoBackend(Backend):
                 artifact_dir: Path | None = None) -> Deployable:
         import openvino as ov
 
-        reason = self.unsupported(device, precision)
-        if reason is not None:
-            raise ValueError(reason)
+        self.require(device, precision)
         material = {"artifact": manifest.get("key") or manifest.get("sha256"), "runtime": self.name,
                     "runtime_version": self.version(), "torch": torch.__version__}  # one IR for every precision
         found = model_files(manifest, fmt="openvino", material=material, cache_dir=cache_dir,
@@ -97,7 +91,8 @@ class OpenVinoBackend(Backend):
                     "model": found.source}
         if device.startswith("cuda"):
             settings["device_note"] = "CPU of a GPU node"
-        return OpenVinoDeployable(compiled, found.temporary, runtime=self.name, runtime_version=self.version(),
+        return OpenVinoDeployable(compiled, temporary=found.temporary, runtime=self.name,
+                                  runtime_version=self.version(),
                                   precision=precision, device="cpu", size_bytes=files_size(list(found.files)),
                                   threads=applied, settings=settings)
 

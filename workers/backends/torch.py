@@ -68,9 +68,7 @@ class TorchBackend(Backend):
     def prepare(self, model: nn.Module, manifest: Mapping[str, Any], *, precision: str, device: str,
                 threads: ThreadSettings, example: torch.Tensor, cache_dir: Path | None,
                 artifact_dir: Path | None = None) -> Deployable:
-        reason = self.unsupported(device, precision)
-        if reason is not None:
-            raise ValueError(reason)
+        self.require(device, precision)
         torch.set_num_threads(threads.intra_op)
         applied = ThreadSettings(intra_op=torch.get_num_threads(), inter_op=torch.get_num_interop_threads())
         settings = {"mode": "eager"} if precision not in _DTYPES else {"mode": "eager", "autocast": precision}

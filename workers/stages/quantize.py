@@ -114,9 +114,10 @@ def _run_runtime_engine(task: StageTask, env: WorkerEnv, params: QuantizeParams,
     with tempfile.TemporaryDirectory(prefix="greensweep-quantize-") as scratch:
         meter = make_meter(env.device)
         meter.begin()
-        if params.engine == "onnxruntime":
+        if params.engine in ("onnxruntime", "tensorrt"):
             deploy = quantize_onnxruntime(model, example, calibration, mode=params.mode, per_channel=params.per_channel,
-                                          batch_size=params.batch_size, directory=Path(scratch))
+                                          batch_size=params.batch_size, directory=Path(scratch),
+                                          for_tensorrt=params.engine == "tensorrt")
         else:
             assert calibration is not None  # openvino is static only (QuantizeParams)
             deploy = quantize_openvino(model, calibration, batch_size=params.batch_size, directory=Path(scratch))

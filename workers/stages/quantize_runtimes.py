@@ -9,6 +9,9 @@ runtimes use) and quantized by the runtime's own tooling, calibrated on train ba
   ``quantize_static`` -- QDQ format, uint8 activations and int8 weights (ONNX Runtime's
   recommended U8S8 on x86), ``per_channel`` as asked -- or ``quantize_dynamic`` (int8
   weights; activations quantized at run time, so no calibration).
+- ``tensorrt``: the same static QDQ quantization in the form TensorRT builds int8 engines
+  from -- int8 activations and weights, both symmetric (zero points 0), biases in float,
+  ``per_channel`` as asked; ONNX Runtime calibrates it on the CPU, TensorRT builds it on a GPU.
 - ``openvino``: ``nncf.quantize`` of the converted model (``ModelType.TRANSFORMER`` for a
   model with attention, which keeps the accuracy-critical softmax/layer-norm paths in
   float), saved as IR without fp16 compression.
@@ -32,10 +35,10 @@ from workers.backends.export import INPUT_NAME, convert_openvino, export_onnx, s
 
 
 def quantize_onnxruntime(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor | None, *, mode: str,
-                         per_channel: bool, batch_size: int, directory: Path) -> dict[str, Any]:
+                         per_channel: bool, batch_size: int, directory: Path, for_tensorrt: bool = False) -> dict[str, Any]:
     """Quantize *model* with ONNX Runtime into ``directory/model.onnx`` (*example*: a batch
     to export with; *calibration*: the images static quantization calibrates on); the
-    deploy description."""
+    deploy description. *for_tensorrt*: symmetric int8 Q/DQ (format ``onnx-qdq``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -58,11 +61,18 @@ def quantize_onnxruntime(model: nn.Module, example: torch.Tensor, calibration: t
                 def get_next(self) -> dict[str, Any] | None:
                     return next(self._it, None)
 
+            activations = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+            # TensorRT's Q/DQ: int8, zero points 0, biases left in float (it has no int32 DequantizeLinear)
+            symmetric = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} \
+                if for_tensorrt else {}
             quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel)
-            settings = {"mode": "static", "format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8",
-                        "per_channel": per_channel, "calibration_method": "MinMax"}
-    return {"format": "onnx", "engine": "onnxruntime", "files": {"model.onnx": out},
+                            activation_type=activations, weight_type=QuantType.QInt8, per_channel=per_channel,
+                            extra_options=symmetric)
+            settings = {"mode": "static", "format": "QDQ", "activation_type": activations.name,
+                        "weight_type": "QInt8", "per_channel": per_channel, "calibration_method": "MinMax",
+                        "symmetric": for_tensorrt}
+    fmt, engine = ("onnx-qdq", "tensorrt") if for_tensorrt else ("onnx", "onnxruntime")
+    return {"format": fmt, "engine": engine, "files": {"model.onnx": out},
             "settings": {**settings, "onnxruntime": _version("onnxruntime", "onnxruntime-gpu")}}
 
 
