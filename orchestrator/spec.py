@@ -115,8 +115,8 @@ class EvaluateSpec:
     min_window_s: float
     idle_s: float
     baseline: bool
-    interleave: str = "auto"
-    slice_s: float = 0.05
+    interleave: str = EvaluateParams.model_fields["interleave"].default
+    slice_s: float = EvaluateParams.model_fields["slice_s"].default
     runtimes: tuple[str, ...] = ("torch",)
     precisions: tuple[str, ...] = ("fp32",)
     # most evaluations measured together (besides the reference); not part of any key

@@ -123,14 +123,21 @@ def model_files(manifest: Mapping[str, Any], *, fmt: str, material: Mapping[str,
     native = native_files(manifest, artifact_dir, fmt)
     if native is not None:
         return ModelFiles(tuple(native.values()), "quantized payload")
-    temporary = None
-    if cache_dir is None:
-        import tempfile
-
-        temporary = cache_dir = Path(tempfile.mkdtemp(prefix=f"greensweep-{fmt}-"))
+    cache_dir, temporary = cache_or_temporary(cache_dir, fmt)
     directory, built = cached(cache_dir, material, export)
     files = tuple(directory / name for name in entry_facts(directory)["files"])
     return ModelFiles(files, "exported now" if built else "exported earlier (cache)", temporary)
+
+
+def cache_or_temporary(cache_dir: Path | None, what: str) -> tuple[Path, Path | None]:
+    """Where to build a deployable: *cache_dir*, or without one a new temporary directory
+    (returned second too, for the deployable to remove when closed)."""
+    if cache_dir is not None:
+        return cache_dir, None
+    import tempfile
+
+    temporary = Path(tempfile.mkdtemp(prefix=f"greensweep-{what}-"))
+    return temporary, temporary
 
 
 def native_files(manifest: Mapping[str, Any], artifact_dir: Path | None, fmt: str) -> dict[str, Path] | None:

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from workers.backends.base import Backend, Deployable, ThreadSettings, native_files
+from workers.backends.base import Backend, Deployable, ThreadSettings, cache_or_temporary, native_files
 from workers.backends.cache import cached, entry_facts, files_size
 from workers.backends.export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, export_onnx, to_fp16
 
@@ -103,11 +103,7 @@ class TensorRtBackend(Backend):
                     "precision": precision, "runtime_version": self.version(), "opset": ONNX_OPSET,
                     "torch": torch.__version__, "gpu": gpu.name, "compute_capability": f"{gpu.major}.{gpu.minor}",
                     "max_batch": max_batch, "from": "quantized payload" if native else "export"}
-        temporary = None
-        if cache_dir is None:
-            import tempfile
-
-            temporary = cache_dir = Path(tempfile.mkdtemp(prefix="greensweep-tensorrt-"))
+        cache_dir, temporary = cache_or_temporary(cache_dir, self.name)
 
         def build(directory: Path) -> dict[str, Any]:
             if native is not None:

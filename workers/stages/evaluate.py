@@ -109,7 +109,6 @@ class _Member:
     top_k: int = 1
     correct: list[bool] = field(default_factory=list)  # top-1 per test sample, one unmeasured pass
     windows: list[EvalRepeat] = field(default_factory=list)
-    slices: list[int] = field(default_factory=list)  # meter windows that made each round's window
     # per round, the member's slices by turn: (time per sample, energy per sample or None);
     # empty for a round of contiguous windows
     turns: list[dict[int, tuple[float, float | None]]] = field(default_factory=list)
@@ -322,7 +321,7 @@ def _round_ratios(m: _Member, reference: _Member, figure: int) -> list[float] | 
     windows. None when an energy figure is missing."""
     out = []
     for r, (mine, theirs) in enumerate(zip(m.windows, reference.windows)):
-        common = sorted(set(m.turns[r]) & set(reference.turns[r])) if r < len(m.turns) else []
+        common = sorted(set(m.turns[r]) & set(reference.turns[r]))
         pairs = [(m.turns[r][t][figure], reference.turns[r][t][figure]) for t in common]
         if pairs and all(a is not None and b is not None for a, b in pairs):
             out.append(turn_ratio([cast(float, a) for a, _ in pairs], [cast(float, b) for _, b in pairs]))
@@ -339,10 +338,14 @@ def _round_ratios(m: _Member, reference: _Member, figure: int) -> list[float] | 
 
 def _energies(repeats: tuple[EvalRepeat, ...]) -> list[float] | None:
     """Gross energy per sample of each window; None when a window has no energy figure."""
-    values = [cast(EnergyReading, r.energy).total_energy_j for r in repeats]
-    if any(v is None or v <= 0 for v in values):
-        return None
-    return [cast(float, v) / r.samples for v, r in zip(values, repeats)]
+    values = [_energy_per_sample(cast(EnergyReading, r.energy), r.samples) for r in repeats]
+    return None if any(v is None for v in values) else cast(list[float], values)
+
+
+def _energy_per_sample(reading: EnergyReading, samples: int) -> float | None:
+    """Gross energy per sample of one meter window; None without a (positive) figure."""
+    energy = reading.total_energy_j
+    return energy / samples if energy is not None and energy > 0 else None
 
 
 def _cohort_metrics(cohort: Cohort, reference: _Member | None, live: list[_Member], protocol: EvaluateParams,
@@ -364,7 +367,7 @@ def _cohort_metrics(cohort: Cohort, reference: _Member | None, live: list[_Membe
             "interleave": "slices" if sliced else "windows", "slice_s": protocol.slice_s if sliced else None,
             # slices follow one another with no re-warm: each starts after another model's
             "rewarm_batches_per_window": 0 if sliced else protocol.warmup_batches,
-            "slices_per_window": {m.task.key: m.slices for m in live},
+            "slices_per_window": {m.task.key: [len(t) or 1 for t in m.turns] for m in live},
             "affinity": sorted(pinned[1]) if pinned else None, "threads": env.num_threads,
             # > 0: the worker yields the CPU to every other process (Ray's default for its
             # workers is 15; greensweep's clusters set 0, `ray start` needs RAY_worker_niceness=0)
@@ -552,7 +555,6 @@ def _windowed_round(meter: Meter, ordered: list[_Member], round_no: int, device:
         with _gc_off():
             _timed_passes(meter, deployable, m.batches, m.top_k, device, m.params.min_window_s, tally)
         m.windows.append(tally.repeat(round_no, position))
-        m.slices.append(1)
         m.turns.append({})
 
 
@@ -575,15 +577,12 @@ def _sliced_round(meter: Meter, ordered: list[_Member], round_no: int, slice_s: 
                 _timed_passes(meter, cast(Deployable, m.deployable), m.batches, m.top_k, device,
                               min(slice_s, m.params.min_window_s), tally)
                 samples, reading = tally.samples - before, tally.readings[-1]
-                energy = reading.total_energy_j
-                by_turn[i][turn] = (reading.duration_s / samples,
-                                    energy / samples if energy is not None and energy > 0 else None)
+                by_turn[i][turn] = (reading.duration_s / samples, _energy_per_sample(reading, samples))
             pending = [i for i in pending if tallies[i].duration_s < ordered[i].params.min_window_s]
             turns.shuffle(pending)
             turn += 1
     for position, (m, tally) in enumerate(zip(ordered, tallies)):
         m.windows.append(tally.repeat(round_no, position))
-        m.slices.append(len(tally.readings))
         m.turns.append(by_turn[position])
 
 
