@@ -6,8 +6,11 @@ and two narrower ViTs -- measured as a cohort measures them on CPU: ``--rounds``
 each the models taking turns in slices of whole passes (360 digit-sized inputs, batch 64)
 lasting at least 50 ms until each has ``--window`` seconds, in seeded random turn orders.
 Model 0 is the reference; models 1 and 4 are copies of it, so their true ratio is 1 and
-all variation of their per-round ratio is noise. Per cohort and per copy, the round-to-round
-CV of the ratio estimated three ways:
+all variation of their per-round ratio is noise; models 2 and 3 (widths 72 and 48, about
+0.7x and 0.45x its time, like the quickstart's structured prunings) have a fixed true ratio
+too, so theirs is noise as well -- but noise that pairing cancels only in so far as the
+machine's state slows both models alike. Per cohort and per model, the round-to-round CV of
+the ratio estimated three ways:
 
 - ``totals``: the round's total time per sample over the reference's (contiguous windows
   give only this);
@@ -58,6 +61,8 @@ def main() -> None:
     base = _vit(96)
     models = [base, copy.deepcopy(base), _vit(72), _vit(48), copy.deepcopy(base)]
     copies = (1, 4)
+    narrower = (2, 3)
+    compared = copies + narrower
     batches = list(torch.randn(360, 1, 8, 8).split(64))
     slice_ns = int(args.slice * 1e9)
 
@@ -65,7 +70,8 @@ def main() -> None:
         for b in batches:
             model(b)
 
-    cvs: dict[str, list[float]] = {"totals": [], "turn-median": [], "turn-trimmed": []}
+    estimators = ("totals", "turn-median", "turn-trimmed")
+    cvs: dict[str, dict[int, list[float]]] = {k: {c: [] for c in compared} for k in estimators}
     rng = random.Random(0)
     with torch.no_grad():
         for model in models:  # warm-up
@@ -73,7 +79,7 @@ def main() -> None:
             while time.perf_counter() - start < 3:
                 one_pass(model)
         for cohort in range(args.cohorts):
-            per: dict[str, dict[int, list[float]]] = {k: {c: [] for c in copies} for k in cvs}
+            per: dict[str, dict[int, list[float]]] = {k: {c: [] for c in compared} for k in cvs}
             for _ in range(args.rounds):
                 turns: list[dict[int, float]] = []
                 total_s = [0.0] * len(models)
@@ -99,20 +105,27 @@ def main() -> None:
                     pending = [i for i in pending if total_s[i] < args.window]
                     rng.shuffle(pending)
                 gc.enable()
-                for c in copies:
+                for c in compared:
                     both = [t for t in turns if c in t and 0 in t]
                     mine, ref = [t[c] for t in both], [t[0] for t in both]
                     per["totals"][c].append((total_s[c] / samples[c]) / (total_s[0] / samples[0]))
                     per["turn-median"][c].append(statistics.median(a / b for a, b in zip(mine, ref)))
                     per["turn-trimmed"][c].append(turn_ratio(mine, ref))
             for k in cvs:
-                cvs[k] += [_cv(per[k][c]) for c in copies]
+                for c in compared:
+                    cvs[k][c].append(_cv(per[k][c]))
             print(f"cohort {cohort + 1}/{args.cohorts}: " + "  ".join(
-                f"{k} {100 * statistics.median(v[-2:]):.2f} %" for k, v in cvs.items()), flush=True)
+                f"{k} copies {100 * statistics.median(v[c][-1] for c in copies):.2f} %"
+                f" narrower {100 * statistics.median(v[c][-1] for c in narrower):.2f} %" for k, v in cvs.items()),
+                flush=True)
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_facts(),
               "threads": args.threads, "window_s": args.window, "slice_s": args.slice, "rounds": args.rounds,
               "cohorts": args.cohorts,
-              "median_cv": {k: statistics.median(v) for k, v in cvs.items()}}
+              # over cohorts and the two models of each kind
+              "median_cv": {k: statistics.median(x for c in copies for x in v[c]) for k, v in cvs.items()},
+              "median_cv_narrower": {k: statistics.median(x for c in narrower for x in v[c]) for k, v in cvs.items()},
+              "median_cv_by_model": {k: {f"model {c}": statistics.median(v[c]) for c in compared}
+                                     for k, v in cvs.items()}}
     print(json.dumps(result, default=str))
 
 
